@@ -1,0 +1,1 @@
+"""Host-side input pipeline: TFRecord shards to batches of numpy arrays."""

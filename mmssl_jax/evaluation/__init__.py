@@ -1,0 +1,1 @@
+"""Evaluators: zero-shot, linear probe, kNN, retrieval, SVM mAP."""

@@ -1,0 +1,1 @@
+"""Flax encoders and heads, selected by name from a registry."""

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the real offline datasets (Debian packages) and the project with its dev and
+# torch extras. Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEBS="fonts-noto-color-emoji unicode-data unicode-cldr-core dataset-fashion-mnist"
+missing=""
+for p in $DEBS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+fi
+# torch 2.13.0 CPU is the wheel pip takes from this machine's disk; a plain `torch` would
+# pull a multi-GB CUDA build.
+python -m pip install -q "torch==2.13.0" || python -m pip install -q "torch>=2.9,<2.14"
+python -m pip install -q -e ".[dev,torch]"
