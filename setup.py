@@ -30,10 +30,18 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4,<1",
     # flatbuffers: needed by jax.export to serialize StableHLO artifacts.
     "flatbuffers>=24.3,<27",
+    # google-crc32c: C CRC-32C for TFRecord framing (pure Python would dominate read time).
+    "google-crc32c>=1.5,<2",
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8,<10", "ruff>=0.6", "nbclient>=0.10,<1", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
+    "dev": [
+        "pytest>=8,<10",
+        "ruff>=0.6",
+        "nbclient>=0.10,<1",
+        "nbformat>=5.10,<6",
+        "ipykernel>=6.29,<8",
+    ],
     # The PyTorch reference for benchmarks and the weight-import parity tests (CPU build).
     "torch": ["torch>=2.9,<2.14"],
 }
@@ -45,7 +53,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["mmssl_jax", "mmssl_jax.*", "input_pipeline", "input_pipeline.*"]),
+    packages=find_packages(
+        include=["mmssl_jax", "mmssl_jax.*", "input_pipeline", "input_pipeline.*"]
+    ),
     package_data={"mmssl_jax": ["evaluation/templates/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
