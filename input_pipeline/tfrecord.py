@@ -16,6 +16,7 @@ grain needs for a global shuffle and exact, worker-count-independent resume.
 
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
 import os
 import struct
@@ -268,10 +269,8 @@ class TFRecordSource:
 
     def __del__(self) -> None:
         for fd in getattr(self, "_fds", {}).values():
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
     def __repr__(self) -> str:
         # grain stores repr(source) in iterator checkpoints as a compatibility check.
