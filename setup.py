@@ -54,7 +54,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(
-        include=["mmssl_jax", "mmssl_jax.*", "input_pipeline", "input_pipeline.*"]
+        include=["mmssl_jax", "mmssl_jax.*", "input_pipeline", "input_pipeline.*", "configs"]
     ),
     package_data={"mmssl_jax": ["evaluation/templates/*.json"]},
     install_requires=INSTALL_REQUIRES,

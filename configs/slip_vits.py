@@ -1,0 +1,7 @@
+"""SLIP with a ViT-S/16 image tower (SLIP's published recipe; sizes from configs/common.py)."""
+
+from configs.common import recipe
+
+
+def get_config(arg=None):
+    return recipe("slip", "vits", arg)

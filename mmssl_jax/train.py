@@ -1,0 +1,435 @@
+"""TrainState, the pure train step, and the training loop.
+
+The step is one jitted function over global arrays on a ("data",) mesh:
+
+    uint8 views -> device augmentation -> encoders (GSPMD over the batch) -> objective terms
+    (each under jax.shard_map with all-gathered embeddings) -> grads -> AdamW -> clamp scale
+
+Model parameters and optimizer state are replicated (data parallel); the batch is sharded on
+its leading axis. A non-finite loss or gradient skips the update (params, optimizer and batch
+statistics stay as they were), is counted, and N in a row halt the run with a clear message.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from tqdm import tqdm
+
+from input_pipeline import augment
+from mmssl_jax import objectives, optim, parallel
+from mmssl_jax.models.model import MultimodalModel
+from mmssl_jax.models.registry import build_model
+
+LOG_MAX_SCALE = math.log(100.0)
+
+# Which batch arrays produce which model outputs the objective terms read.
+OUTPUT_SOURCES = {
+    "image_emb": ("image",),
+    "text_emb": ("tokens",),
+    "ssl_a": ("view_a",),
+    "ssl_b": ("view_b",),
+    "label": ("label",),
+    "index": ("index",),
+}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; one pytree, checkpointed whole."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+    skipped_steps: jax.Array  # updates skipped for a non-finite loss/grad, in total
+    bad_streak: jax.Array  # consecutive skipped updates up to now
+
+
+def term_specs(config: ml_collections.ConfigDict) -> list[tuple[str, float, dict]]:
+    """[(name, weight, options)] from config.objectives and config.objective_options."""
+    options = config.get("objective_options") or {}
+    specs = []
+    for name, weight in config.objectives:
+        opts = options.get(name)
+        specs.append((name, float(weight), dict(opts) if opts else {}))
+    return specs
+
+
+def batch_keys_for(specs: Sequence[tuple[str, float, dict]]) -> set[str]:
+    """The batch arrays the pipeline must produce for these objective terms."""
+    keys = {"index"}
+    for output in objectives.needed_inputs([(n, w) for n, w, _ in specs]):
+        keys.update(OUTPUT_SOURCES.get(output, ()))
+    return keys
+
+
+def _forward(
+    module: MultimodalModel,
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    aug_cfg: Any,
+    train: bool,
+) -> dict[str, jax.Array]:
+    """Model outputs for the objective terms; run through `model.apply(method=_forward)`.
+
+    All image views share one encoder pass (the ViT has no batch statistics, so this equals
+    SLIP's three passes, with bigger matmuls); the SimCLR head runs per view as in SLIP.
+    """
+    out: dict[str, jax.Array] = {}
+    images, names = [], []
+    if "image" in batch:
+        images.append(augment.normalize(augment.to_float(batch["image"])))
+        names.append("image")
+    for i, view in enumerate(("view_a", "view_b")):
+        if view in batch:
+            k = jax.random.fold_in(key, i + 1)
+            images.append(augment.normalize(augment.ssl_augment(batch[view], k, batch["index"], aug_cfg)))
+            names.append(view)
+    if images:
+        n = images[0].shape[0]
+        enc = module.image_encoder(jnp.concatenate(images, axis=0), train=train)["feature"]
+        feats = {name: enc[i * n : (i + 1) * n] for i, name in enumerate(names)}
+        if "image" in feats:
+            out["image_emb"] = module.image_projection(feats["image"]).astype(jnp.float32)
+        if "view_a" in feats:
+            out["ssl_a"] = module.ssl_project_feature(feats["view_a"], train=train)
+            out["ssl_b"] = module.ssl_project_feature(feats["view_b"], train=train)
+    if "tokens" in batch:
+        out["text_emb"] = module.encode_text(batch["tokens"], train=train)["emb"]
+    out["logit_scale"], out["logit_bias"] = module.scales()
+    for key_name in ("label", "index"):
+        if key_name in batch:
+            out[key_name] = batch[key_name]
+    return out
+
+
+def _microbatches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [k, B/k, ...] taking every k-th row, so each microbatch stays spread over
+    all devices of the data axis."""
+    return {
+        name: jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0)
+        for name, x in batch.items()
+    }
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _select(ok: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def clamp_logit_scale(params: Any) -> Any:
+    """CLIP/SLIP clamp the log logit scale to [0, log 100] after every step."""
+    if "logit_scale" not in params:
+        return params
+    params = dict(params)
+    params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, LOG_MAX_SCALE)
+    return params
+
+
+def make_train_step(
+    model: MultimodalModel,
+    tx: optax.GradientTransformation,
+    specs: Sequence[tuple[str, float, dict]],
+    mesh: jax.sharding.Mesh | None,
+    aug_cfg: Any,
+    grad_accum: int = 1,
+    schedule: optax.Schedule | None = None,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
+
+    def loss_fn(params, batch_stats, batch, key):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        outputs, mutated = model.apply(
+            variables,
+            batch,
+            key,
+            aug_cfg,
+            True,
+            method=_forward,
+            mutable=["batch_stats"],
+        )
+        loss, metrics = objectives.total_loss(specs, outputs, mesh)
+        return loss, (metrics, mutated.get("batch_stats", batch_stats))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(params, batch_stats, batch, key):
+        if grad_accum == 1:
+            (loss, (metrics, stats)), grads = grad_fn(params, batch_stats, batch, key)
+            return loss, metrics, stats, grads
+
+        def body(carry, micro):
+            stats, grad_sum, i = carry
+            (loss, (metrics, stats)), grads = grad_fn(
+                params, stats, micro, jax.random.fold_in(key, i)
+            )
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            return (stats, grad_sum, i + 1), (loss, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (stats, grad_sum, _), (losses, metrics) = jax.lax.scan(
+            body, (batch_stats, zeros, 0), _microbatches(batch, grad_accum)
+        )
+        grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
+        return losses.mean(), jax.tree.map(jnp.mean, metrics), stats, grads
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        loss, metrics, new_stats, grads = accumulate(
+            state.params, state.batch_stats, batch, key
+        )
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = clamp_logit_scale(optax.apply_updates(state.params, updates))
+        ok = jnp.isfinite(loss) & _all_finite(grads)
+        bad = jnp.logical_not(ok).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=_select(ok, new_params, state.params),
+            batch_stats=_select(ok, new_stats, state.batch_stats),
+            opt_state=_select(ok, new_opt, state.opt_state),
+            skipped_steps=state.skipped_steps + bad,
+            bad_streak=(state.bad_streak + 1) * bad,
+        )
+        metrics = dict(metrics)
+        metrics.update(
+            loss=loss,
+            grad_norm=optax.global_norm(grads),
+            param_norm=optax.global_norm(state.params),
+            skipped_steps=new_state.skipped_steps,
+            bad_streak=new_state.bad_streak,
+        )
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
+        if "skipped" in batch:
+            metrics["data/skipped_records"] = jnp.sum(batch["skipped"])
+        return new_state, metrics
+
+    return train_step
+
+
+def init_state(
+    model: MultimodalModel,
+    tx: optax.GradientTransformation,
+    image_size: int,
+    context_length: int | None,
+    seed: int,
+) -> TrainState:
+    """A fresh TrainState (call under jit with replicated out_shardings)."""
+    rng = jax.random.key(seed)
+    init_rng, state_rng = jax.random.split(rng)
+    images = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+    tokens = None
+    if model.text_encoder is not None:
+        tokens = jnp.ones((2, context_length), jnp.int32)
+    variables = model.init(init_rng, images, tokens, train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(state_rng),
+        skipped_steps=jnp.zeros((), jnp.int32),
+        bad_streak=jnp.zeros((), jnp.int32),
+    )
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def num_records(data_cfg: ml_collections.ConfigDict) -> int:
+    """Records over all training sources (an epoch is this many samples)."""
+    from input_pipeline.tfrecord import TFRecordSource
+
+    return sum(len(TFRecordSource(src.shards)) for src in data_cfg.sources.values())
+
+
+def total_steps_for(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    if config.train.total_steps > 0:
+        return int(config.train.total_steps)
+    return max(1, int(round(config.train.epochs * steps_per_epoch)))
+
+
+def resolve_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The model config with vocab_size read from the tokenizer when it is -1."""
+    model_cfg = ml_collections.ConfigDict(config.model.to_dict())
+    if model_cfg.get("text_encoder") and model_cfg.get("vocab_size", -1) <= 0:
+        from input_pipeline.tokenizer import Tokenizer
+
+        model_cfg.vocab_size = Tokenizer(config.data.tokenizer).vocab_size
+    return model_cfg
+
+
+class Trainer:
+    """Builds everything a run needs from a config; `run()` trains, resumes and evaluates."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        from input_pipeline import pipeline
+
+        self.config, self.workdir = config, workdir
+        num_devices = config.train.num_devices if config.train.num_devices > 0 else None
+        self.mesh = parallel.make_mesh(num_devices)
+        parallel.check_batch_divisible(config.train.batch_size, self.mesh)
+        if config.train.batch_size % (config.train.grad_accum * self.mesh.size):
+            raise ValueError(
+                f"train.batch_size={config.train.batch_size} must divide into "
+                f"train.grad_accum={config.train.grad_accum} microbatches over "
+                f"{self.mesh.size} devices"
+            )
+        self.specs = term_specs(config)
+        self.batch_keys = batch_keys_for(self.specs)
+        self.model_cfg = resolve_model_config(config)
+        self.model = build_model(self.model_cfg)
+        self.steps_per_epoch = max(1, num_records(config.data) // config.train.batch_size)
+        self.total_steps = total_steps_for(config, self.steps_per_epoch)
+        self.tx, self.schedule = optim.make_optimizer(
+            config.optim, self.total_steps, self.steps_per_epoch
+        )
+        self.data_iter = pipeline.make_train_iterator(
+            config.data,
+            global_batch_size=config.train.batch_size,
+            needs=self.batch_keys,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        replicated = parallel.replicated(self.mesh)
+        init = functools.partial(
+            init_state,
+            self.model,
+            self.tx,
+            config.data.image_size,
+            self.model_cfg.get("context_length", config.data.text_length),
+        )
+        self.state_shape = jax.eval_shape(init, config.seed)
+        self.state_sharding = jax.tree.map(lambda _: replicated, self.state_shape)
+        self._init = jax.jit(init, static_argnums=0, out_shardings=self.state_sharding)
+        step = make_train_step(
+            self.model,
+            self.tx,
+            self.specs,
+            self.mesh,
+            config.augment,
+            config.train.grad_accum,
+            self.schedule,
+        )
+        self.train_step = jax.jit(
+            step,
+            in_shardings=(self.state_sharding, parallel.batch_sharding(self.mesh)),
+            out_shardings=(self.state_sharding, replicated),
+            donate_argnums=0,
+        )
+
+    def abstract_state(self) -> TrainState:
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            self.state_shape,
+            self.state_sharding,
+        )
+
+    def initial_state(self, checkpointer) -> TrainState:
+        """Restores the latest checkpoint in the workdir, or initialises."""
+        latest = checkpointer.latest_step()
+        if latest is None:
+            return self._init(self.config.seed)
+        logging.info("resuming from %s/%d", checkpointer.directory, latest)
+        return checkpointer.restore(self.abstract_state(), self.data_iter, latest)
+
+    def batches(self) -> Iterator[dict[str, jax.Array]]:
+        for batch in self.data_iter:
+            yield parallel.to_global(batch, self.mesh)
+
+    def run(self, preemption=None) -> dict[str, float]:
+        """Trains to total_steps (resuming if possible); returns the last logged metrics."""
+        from mmssl_jax.checkpoint import Checkpointer, PreemptionHandler
+        from mmssl_jax.metrics_writer import MetricWriter
+
+        cfg = self.config.train
+        is_main = jax.process_index() == 0
+        ckpt = Checkpointer(self.workdir, keep=cfg.keep_ckpts)
+        writer = MetricWriter(self.workdir) if is_main else None
+        preemption = preemption or PreemptionHandler().install()
+        state = self.initial_state(ckpt)
+        start = int(jax.device_get(state.step))
+        pending: list[tuple[int, dict]] = []
+        last: dict[str, float] = {}
+        bar = tqdm(
+            total=self.total_steps,
+            initial=start,
+            disable=not (cfg.progress and is_main),
+            unit="step",
+            dynamic_ncols=True,
+        )
+        t0, n0 = time.perf_counter(), start
+        batches = self.batches()
+        try:
+            for step in range(start, self.total_steps):
+                state, metrics = self.train_step(state, next(batches))
+                pending.append((step + 1, metrics))
+                bar.update(1)
+                done = step + 1
+                if done % cfg.log_every == 0 or done == self.total_steps:
+                    rate = (done - n0) * cfg.batch_size / (time.perf_counter() - t0)
+                    last = self._flush(pending, writer, rate)
+                    t0, n0 = time.perf_counter(), done
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{rate:.0f}")
+                if done % cfg.ckpt_every == 0 and done != self.total_steps:
+                    ckpt.save(done, state, self.data_iter)
+                if preemption.requested.is_set():
+                    self._flush(pending, writer, 0.0)
+                    ckpt.save(done, state, self.data_iter, force=True)
+                    ckpt.wait()
+                    logging.warning("preempted: checkpoint at step %d written; exiting", done)
+                    return last
+            if start < self.total_steps or ckpt.latest_step() != self.total_steps:
+                ckpt.save(self.total_steps, state, self.data_iter, force=True)
+        finally:
+            bar.close()
+            ckpt.close()
+            if writer is not None:
+                writer.close()
+            preemption.uninstall()
+        self.state = state
+        return last
+
+    def _flush(self, pending: list, writer, rate: float) -> dict[str, float]:
+        """Fetches pending metrics, writes them, and halts on a non-finite streak."""
+        rows = jax.device_get(pending)
+        pending.clear()
+        last: dict[str, float] = {}
+        for step, metrics in rows:
+            last = {k: float(np.asarray(v)) for k, v in metrics.items()}
+            if last["bad_streak"] >= self.config.train.max_bad_steps:
+                raise NonFiniteError(
+                    f"step {step}: {int(last['bad_streak'])} consecutive steps with a "
+                    "non-finite loss or gradient (updates skipped). The last checkpoint in "
+                    f"{self.workdir}/checkpoints is intact. Lower optim.lr, set "
+                    "optim.grad_clip_norm, or check the data (data.skip_bad_records)."
+                )
+        if last and writer is not None:
+            last["img_per_s"] = rate
+            writer.write(rows[-1][0], last)
+        return last
