@@ -137,7 +137,9 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
             ssl_scale=(0.08, 1.0),
             flip=True,
             seed=0,
-            num_workers=0 if tiny else 8,
+            num_workers=0 if tiny else 8,  # grain worker processes
+            num_threads=2 if tiny else 16,  # decode threads per process or worker
+            prefetch_batches=2,
             skip_bad_records=False,
             shuffle=True,
         )
