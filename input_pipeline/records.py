@@ -47,7 +47,7 @@ def encode_example(
     feature["id"].bytes_list.value.append(id.encode("utf-8"))
     if topics is not None:
         feature["topics"].float_list.value.extend(np.asarray(topics, np.float32).tolist())
-    return example.SerializeToString()
+    return example.SerializeToString(deterministic=True)  # same sample, same bytes
 
 
 def decode_example(data: bytes, *, where: str = "", num_classes: int | None = None) -> dict:
