@@ -146,14 +146,15 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
     )
     config.augment = ml_collections.ConfigDict(
         dict(
-            jitter_p=0.8,
+            jitter_prob=0.8,
             brightness=0.4,
             contrast=0.4,
             saturation=0.4,
             hue=0.1,
-            grayscale_p=0.2,
-            blur_p=0.5,
-            solarize_p=0.0,
+            grayscale_prob=0.2,
+            blur_prob=0.5,
+            blur_sigma=(0.1, 2.0),
+            solarize_prob=0.0,  # MoCo v3's asymmetric recipe uses 0.2 on one view
         )
     )
 

@@ -332,7 +332,7 @@ class Trainer:
             self.tx,
             self.specs,
             self.mesh,
-            config.augment,
+            augment.make_config(config.augment),
             config.train.grad_accum,
             self.schedule,
         )
