@@ -11,8 +11,8 @@ from absl import logging
 from mmssl_jax.inference import ModelEncoder
 
 
-def encoders_for(trainer: Any, state: Any) -> tuple[ModelEncoder, ModelEncoder]:
-    """(trained encoder, same architecture at random init) for the baselines."""
+def encoders_for(trainer: Any, state: Any) -> tuple[ModelEncoder, Any]:
+    """(trained encoder, factory of the same architecture at random init, for baselines)."""
     from input_pipeline.tokenizer import Tokenizer
 
     cfg = trainer.config
@@ -21,15 +21,19 @@ def encoders_for(trainer: Any, state: Any) -> tuple[ModelEncoder, ModelEncoder]:
     variables = {"params": jax.device_get(state.params)}
     if state.batch_stats:
         variables["batch_stats"] = jax.device_get(state.batch_stats)
-    random_state = jax.device_get(trainer._init(cfg.seed + 1))
-    random_vars = {"params": random_state.params}
-    if random_state.batch_stats:
-        random_vars["batch_stats"] = random_state.batch_stats
+
+    def random_encoder() -> ModelEncoder:
+        random_state = jax.device_get(trainer._init(cfg.seed + 1))
+        random_vars = {"params": random_state.params}
+        if random_state.batch_stats:
+            random_vars["batch_stats"] = random_state.batch_stats
+        return make(random_vars)
+
     blocks = any(e.get("layers") for e in cfg.evals.values()) if cfg.get("evals") else False
     make = lambda v: ModelEncoder(  # noqa: E731
         trainer.model, v, tokenizer, text_length=length, with_blocks=blocks
     )
-    return make(variables), make(random_vars)
+    return make(variables), random_encoder
 
 
 def evaluate_latest(trainer: Any) -> dict[str, float]:

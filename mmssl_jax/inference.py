@@ -36,6 +36,7 @@ class ModelEncoder:
         self.model, self.variables = model, variables
         self.tokenizer, self.text_length = tokenizer, text_length
         self.batch_size, self.with_blocks = batch_size, with_blocks
+        self.has_text = tokenizer is not None and model.text_encoder is not None
         self._images = jax.jit(self._image_fn)
         self._texts = jax.jit(self._text_fn)
 

@@ -1,0 +1,116 @@
+"""The results table: every metric beside its two baselines, as JSON and Markdown.
+
+Written to `<workdir>/eval/`: `results_step_<N>.json`, `results_step_<N>.md`, and
+`latest.json` / `latest.md` (copies of the newest, what a reader opens first). A row is one
+metric of one evaluation ("fmnist_probe" / "emb/top1") with the trained model's value, the
+same protocol on raw pixels, and on a randomly initialised encoder of the same architecture;
+a baseline that does not apply (raw pixels have no text tower) is shown as "-".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+BASELINES = ("raw_pixels", "random_init")
+_TITLES = {"raw_pixels": "raw pixels", "random_init": "random init"}
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """ "eval/metric/parts" -> ("eval", "metric/parts")."""
+    name, _, metric = key.partition("/")
+    return name, metric
+
+
+def build_rows(
+    metrics: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]]
+) -> list[dict]:
+    """One row per trained metric: {eval, metric, value, raw_pixels, random_init}."""
+    rows = []
+    for key, value in metrics.items():
+        name, metric = split_key(key)
+        row = {"eval": name, "metric": metric, "value": value}
+        for kind in BASELINES:
+            row[kind] = baselines.get(kind, {}).get(key)
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4g}"
+
+
+def to_markdown(step: int, rows: Sequence[dict], plots: Sequence[str] = ()) -> str:
+    """The table as GitHub Markdown, plots (paths relative to eval/) embedded below it."""
+    lines = [
+        f"# Evaluation at step {step}",
+        "",
+        "| eval | metric | trained | " + " | ".join(_TITLES[k] for k in BASELINES) + " |",
+        "|---|---|---:|" + "---:|" * len(BASELINES),
+    ]
+    for row in rows:
+        cells = [row["eval"], row["metric"], _fmt(row["value"])]
+        cells += [_fmt(row.get(k)) for k in BASELINES]
+        lines.append("| " + " | ".join(cells) + " |")
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN
+    return value
+
+
+def write_report(
+    workdir: str,
+    step: int,
+    metrics: Mapping[str, float],
+    baselines: Mapping[str, Mapping[str, float]] | None = None,
+    *,
+    plots: Sequence[str] = (),
+) -> dict[str, str]:
+    """Writes the JSON and Markdown tables for `step`; returns their paths by kind.
+
+    `metrics` maps "eval/metric" to the trained model's value; `baselines` maps
+    "raw_pixels" / "random_init" to dicts with the same keys. `plots` are paths relative to
+    `<workdir>/eval`.
+    """
+    baselines = baselines or {}
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    rows = build_rows(metrics, baselines)
+    payload = {
+        "step": int(step),
+        "metrics": {k: _jsonable(v) for k, v in metrics.items()},
+        "baselines": {
+            kind: {k: _jsonable(v) for k, v in baselines.get(kind, {}).items()}
+            for kind in BASELINES
+        },
+        "rows": [{k: _jsonable(v) for k, v in row.items()} for row in rows],
+        "plots": list(plots),
+    }
+    text_json = json.dumps(payload, indent=2, sort_keys=False) + "\n"
+    text_md = to_markdown(step, rows, plots)
+    paths = {
+        "json": os.path.join(out_dir, f"results_step_{step}.json"),
+        "md": os.path.join(out_dir, f"results_step_{step}.md"),
+        "latest_json": os.path.join(out_dir, "latest.json"),
+        "latest_md": os.path.join(out_dir, "latest.md"),
+    }
+    for kind, path in paths.items():
+        _write_atomic(path, text_json if kind.endswith("json") else text_md)
+    return paths

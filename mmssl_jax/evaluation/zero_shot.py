@@ -1,0 +1,98 @@
+"""Zero-shot classification with prompt ensembles (CLIP's and SLIP's protocol).
+
+A class embedding is the mean of the L2-normalised text embeddings of every (template x
+synonym) prompt for that class, L2-normalised again. Images are scored by `img @ cls.T`
+without a logit scale (it does not change the ranking). Reported: top-1, top-5 and mean
+per-class accuracy (the metric SLIP uses for aircraft, pets, caltech101 and flowers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from mmssl_jax.evaluation.encoder import l2_normalize
+
+ClassName = str | Sequence[str]  # one name, or a list of synonyms
+
+
+def default_prompts(classname: str, templates: Sequence[str]) -> list[str]:
+    """Fills "{}" in every template with `classname`."""
+    return [t.replace("{}", classname) for t in templates]
+
+
+def class_prompts(
+    classname: ClassName,
+    templates: Sequence[str],
+    prompts_for: Callable[[str, Sequence[str]], list[str]] = default_prompts,
+) -> list[str]:
+    """Every (synonym x template) prompt for one class."""
+    names = [classname] if isinstance(classname, str) else list(classname)
+    if not names:
+        raise ValueError("a class needs at least one name")
+    return [p for name in names for p in prompts_for(name, templates)]
+
+
+def class_embeddings(
+    embed_texts: Callable[[list[str]], np.ndarray],
+    classnames: Sequence[ClassName],
+    templates: Sequence[str],
+    prompts_for: Callable[[str, Sequence[str]], list[str]] = default_prompts,
+) -> np.ndarray:
+    """[C, D] class embeddings: mean of L2-normalised prompt embeddings, renormalised.
+
+    All prompts go to `embed_texts` in one call so a batched encoder sees full batches.
+    """
+    prompts = [class_prompts(c, templates, prompts_for) for c in classnames]
+    flat = [p for ps in prompts for p in ps]
+    emb = l2_normalize(np.asarray(embed_texts(flat)))
+    bounds = np.cumsum([0] + [len(ps) for ps in prompts])
+    means = np.stack([emb[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    return l2_normalize(means)
+
+
+class ZeroShotResult(NamedTuple):
+    metrics: dict[str, float]  # top1, top5, mean_per_class
+    predictions: np.ndarray  # int [N], argmax class
+    logits: np.ndarray  # float [N, C]
+
+
+def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """bool [N]: the label is among the k highest logits (ties go to the lower index)."""
+    k = min(k, logits.shape[1])
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return (order == labels[:, None]).any(axis=1)
+
+
+def mean_per_class_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
+    """Mean over the classes present in `labels` of each class's accuracy (recall)."""
+    classes = np.unique(labels)
+    return float(np.mean([np.mean(predictions[labels == c] == c) for c in classes]))
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """int [C, C]; row = true class, column = predicted class."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (labels, predictions), 1)
+    return cm
+
+
+def evaluate(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray) -> ZeroShotResult:
+    """Zero-shot metrics for L2-normalised image embeddings [N, D] against [C, D] classes."""
+    labels = np.asarray(labels)
+    num_classes = class_emb.shape[0]
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"zero-shot labels must lie in [0, {num_classes}); got [{labels.min()}, "
+            f"{labels.max()}] (are the classnames those of this shard set?)"
+        )
+    logits = l2_normalize(image_emb) @ class_emb.T
+    predictions = np.argmax(logits, axis=1)
+    metrics = {
+        "top1": float(np.mean(topk_correct(logits, labels, 1))),
+        "top5": float(np.mean(topk_correct(logits, labels, 5))),
+        "mean_per_class": mean_per_class_accuracy(labels, predictions),
+    }
+    return ZeroShotResult(metrics, predictions, logits)
