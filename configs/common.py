@@ -102,6 +102,7 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
     # UniCL mixes image-label data (Fashion-MNIST) into the image-text stream by default.
     args = parse_arg(arg, data=DATA_ROOT, fashion=0.5 if method == "unicl" else 0.0)
     needs_text = any(name != "simclr" for name, _ in r["objectives"])
+    needs_ssl_head = any(name == "simclr" for name, _ in r["objectives"])
 
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -113,9 +114,13 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
             embed_dim=128 if tiny else 512,
             # SLIP's SimCLR MLP: width -> 4096 -> 4096 -> 256 with BatchNorm. The tiny config
             # uses LayerNorm: BatchNorm collapses at small batch (SLIP issues #7, #30).
-            ssl_head=dict(hidden=512, out=128, norm="layer")
-            if tiny
-            else dict(hidden=4096, out=256, norm="batch"),
+            ssl_head=(
+                dict(hidden=512, out=128, norm="layer")
+                if tiny
+                else dict(hidden=4096, out=256, norm="batch")
+            )
+            if needs_ssl_head
+            else None,
             vocab_size=-1,  # -1: read from the tokenizer
             context_length=32 if tiny else 77,
             dtype="float32",

@@ -1,0 +1,81 @@
+"""Heads on top of encoder features: the joint-space projection and SLIP's SimCLR MLP."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmssl_jax.models.vit import Dtype
+
+# std = fan_in^-0.5 (plain normal): CLIP's `image_projection` / `text_projection` init.
+FAN_IN_NORMAL = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+
+NORMS = ("batch", "layer", "none")
+
+
+class Projection(nn.Module):
+    """Bias-free linear map to the joint embedding space, init std `in_width^-0.5` (CLIP)."""
+
+    embed_dim: int = 512
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Dense(
+            self.embed_dim,
+            use_bias=False,
+            kernel_init=FAN_IN_NORMAL,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="proj",
+        )(x)
+
+
+class SimCLRHead(nn.Module):
+    """SLIP's `image_mlp`: Dense(hidden)-Norm-ReLU-Dense(hidden)-Norm-ReLU-Dense(out), biases on.
+
+    `norm="batch"` is SLIP's SyncBatchNorm: batch statistics while `train`, running averages
+    (momentum 0.9, in the `batch_stats` collection) otherwise. Under `jax.jit` over globally
+    sharded arrays the batch mean is already a global mean (XLA inserts the all-reduce), so the
+    statistics are synchronised without `axis_name`; set `axis_name` only when the head runs
+    per device inside `jax.shard_map` and statistics should be reduced over that mesh axis.
+    `norm="layer"` and `norm="none"` need no mutable state.
+    """
+
+    hidden: int = 4096
+    out: int = 256
+    norm: str = "batch"
+    axis_name: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        for i in range(2):
+            x = nn.Dense(
+                self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name=f"fc{i}"
+            )(x)
+            x = self._norm(x, train, name=f"norm{i}")
+            x = nn.relu(x)
+        return nn.Dense(self.out, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
+
+    def _norm(self, x: jax.Array, train: bool, name: str) -> jax.Array:
+        if self.norm == "batch":
+            return nn.BatchNorm(
+                use_running_average=not train,
+                momentum=0.9,
+                epsilon=1e-5,
+                axis_name=self.axis_name,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
+            )(x)
+        if self.norm == "layer":
+            return nn.LayerNorm(
+                epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+            )(x)
+        return x
