@@ -1,0 +1,1 @@
+"""Benchmarks that write JSON results (not timed tests)."""
