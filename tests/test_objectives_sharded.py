@@ -106,7 +106,7 @@ def test_unequal_row_counts_reduce_to_the_global_mean(mesh):
     labels = np.arange(B, dtype=np.int32) + 100  # all singletons ...
     labels[:6] = 1  # ... except a class on devices 0-1
     labels[9] = labels[30] = 2  # and a pair split over devices 2 and 7
-    single = jax.value_and_grad(lambda z: objectives.supcon_loss(z, labels, 0.2)[0])(z)
+    single = jax.jit(jax.value_and_grad(lambda z: objectives.supcon_loss(z, labels, 0.2)[0]))(z)
     sharded = _pmean_of(functools.partial(objectives.supcon_loss, temperature=0.2), mesh, z, labels)
     assert np.isfinite(single[0]) and float(single[0]) > 0
     np.testing.assert_allclose(sharded[0], single[0], **TOL)
@@ -120,7 +120,7 @@ def test_masked_contrastive_sharded(mesh):
     positives = (rng.random((B, B)) < 0.15) & valid
     positives[5] = False  # a row without positives
     fn = lambda a, b: objectives.masked_contrastive(a, b, positives, valid, 7.0)[0]
-    single = jax.value_and_grad(fn, argnums=(0, 1))(a, b)
+    single = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(a, b)
 
     def body(a, b, p, v):
         loss, _ = objectives.masked_contrastive(a, b, p, v, 7.0, axis_name="data")
@@ -198,3 +198,18 @@ def test_total_loss_under_jit_with_sharded_inputs(mesh):
     np.testing.assert_allclose(loss, ref, **TOL)
     assert loss.sharding.is_fully_replicated
     assert jnp.isfinite(loss)
+
+
+def test_scale_may_already_vary_per_device(mesh):
+    """A scale computed inside the caller's shard_map (device-varying type) is accepted."""
+    outputs = _outputs(5)
+    img, txt = outputs["image_emb"], outputs["text_emb"]
+
+    def clip_with_local_scale(a, b, axis_name):
+        scale = 12.0 + 0.0 * jnp.sum(a)  # same value everywhere, but typed as varying
+        return objectives.clip_loss(a, b, scale, axis_name=axis_name)
+
+    sharded = _pmean_of(clip_with_local_scale, mesh, img, txt)
+    single = jax.jit(jax.value_and_grad(lambda i: objectives.clip_loss(i, txt, 12.0)[0]))(img)
+    np.testing.assert_allclose(sharded[0], single[0], **TOL)
+    np.testing.assert_allclose(sharded[1], single[1], **TOL)

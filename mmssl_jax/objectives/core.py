@@ -71,9 +71,17 @@ def as_scale(scale: jax.Array | float, axis_name: str | None) -> jax.Array:
     """The logit multiplier as a float32 scalar, marked device-varying under shard_map so
     per-device gradient contributions are summed by the transpose of the cast."""
     s = jnp.asarray(scale, jnp.float32)
-    if axis_name is not None:
+    if axis_name is not None and not _is_varying(s, axis_name):
         s = jax.lax.pcast(s, axis_name, to="varying")
     return s
+
+
+def _is_varying(x: jax.Array, axis_name: str) -> bool:
+    """Whether x's type (under shard_map) already varies over axis_name."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # JAX 0.10; older releases call it vma
+    varying = mat.varying if mat is not None else getattr(aval, "vma", frozenset())
+    return axis_name in varying
 
 
 def reduce_rows(values: jax.Array, weights: jax.Array, axis_name: str | None) -> jax.Array:
@@ -129,7 +137,7 @@ def _blockwise(mask_fn, block, a, b_all, scale, row_meta, col_meta):
 
 
 def _blockwise_fwd(mask_fn, block, a, b_all, scale, row_meta, col_meta):
-    n, N = a.shape[0], b_all.shape[0]
+    N = b_all.shape[0]
     c = min(block, N)
     nb = -(-N // c)
     xs = (
@@ -157,9 +165,9 @@ def _blockwise_fwd(mask_fn, block, a, b_all, scale, row_meta, col_meta):
         best_hit = jnp.where(upd, blk_hit, best_hit)
         return (m_new, s, pos_sum, pos_w, best, best_hit), None
 
-    zeros = jnp.zeros((n,), jnp.float32)
+    # Carries derive from `a` so that under shard_map they share its device-varying type.
+    zeros = jnp.zeros_like(a[:, 0], dtype=jnp.float32)
     init = (zeros + NEG, zeros, zeros, zeros, zeros - jnp.inf, zeros > 0)
-    init = jax.tree.map(lambda x: x + jnp.zeros_like(a[:, 0], dtype=x.dtype), init)
     (m, s, pos_sum, pos_w, _, hit), _ = jax.lax.scan(body, init, xs)
     lse = m + jnp.log(jnp.where(s > 0, s, 1.0))
     has = pos_w > 0
