@@ -11,6 +11,8 @@ import os
 
 import ml_collections
 
+from mmssl_jax.param_rules import SLIP_WD_RULES
+
 # SLIP's README: the same lr/wd for every size within a method; AdamW (0.9, 0.98), eps 1e-8,
 # 1 warmup epoch from 1e-6, cosine to 1e-5, global batch 4096, 25 epochs.
 RECIPES = {
@@ -19,7 +21,23 @@ RECIPES = {
     "slip": dict(objectives=[("clip", 1.0), ("simclr", 1.0)], lr=3e-3, weight_decay=0.1),
     "unicl": dict(objectives=[("unicl", 1.0)], lr=5e-4, weight_decay=0.5),
     "siglip": dict(objectives=[("siglip", 1.0)], lr=5e-4, weight_decay=0.5),
+    # Issue 7. Text-topic supervision (TextTopicNet; the thesis's best: LDA + softmax) and
+    # rotation prediction (RotNet) use SimCLR's AdamW settings (the thesis used SGD).
+    "topics": dict(objectives=[("topic_softmax", 1.0)], lr=3.2e-3, weight_decay=0.1),
+    "rotation": dict(objectives=[("rotation", 1.0)], lr=3.2e-3, weight_decay=0.1),
+    # MoCo v3 ViT: AdamW lr 1.5e-4 * batch / 256 (2.4e-3 at 4096), wd 0.1, T 0.2, m 0.99 -> 1.
+    "mocov3": dict(objectives=[("mocov3", 1.0)], lr=2.4e-3, weight_decay=0.1),
+    # SLIP with MoCo v3 in place of SimCLR, SLIP's lr/wd.
+    "slip_mocov3": dict(objectives=[("clip", 1.0), ("mocov3", 1.0)], lr=3e-3, weight_decay=0.1),
 }
+
+# Which terms need the text tower / the SSL head (projector) / the other optional heads.
+TEXT_TERMS = frozenset({"clip", "unicl", "siglip", "gdt"})
+SSL_HEAD_TERMS = frozenset({"simclr", "supcon", "mocov3"})
+TOPIC_TERMS = frozenset(
+    {"topic_softmax", "topic_bce", "topic_mse", "topic_triplet", "topic_contrastive"}
+)
+TEXT_MODELS = ("lda", "lsa", "word2vec")  # tools/fit_topics.py --kind
 
 # Image tower name in mmssl_jax.models.registry for each size; the text tower is CLIP's.
 SIZES = {
@@ -91,6 +109,25 @@ def embedded_evals(root: str = DATA_ROOT, image_size: int = 32) -> dict:
     }
 
 
+def topic_sources(root: str = DATA_ROOT, kind: str = "lda") -> dict:
+    """Emoji image-text pairs with `topics` targets, written by
+
+    python tools/fit_topics.py --fit 'ROOT/emoji/emoji-train-*.tfrecord' \\
+        --apply 'ROOT/emoji/emoji-test-*.tfrecord' --kind KIND --output_dir ROOT/topics_KIND/emoji
+    """
+    if kind not in TEXT_MODELS:
+        raise ValueError(f"unknown text model {kind!r}; valid: {TEXT_MODELS}")
+    return {
+        "emoji": dict(
+            shards=f"{root}/topics_{kind}/emoji/emoji-train-*.tfrecord",
+            weight=1.0,
+            classnames=f"{root}/emoji/emoji-classnames.json",
+            use_labels=False,
+            prompt_templates="simple",
+        )
+    }
+
+
 def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """The full config for `method` x `size`."""
     if method not in RECIPES:
@@ -100,9 +137,18 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
     r, s = RECIPES[method], SIZES[size]
     tiny = size == "tiny"
     # UniCL mixes image-label data (Fashion-MNIST) into the image-text stream by default.
-    args = parse_arg(arg, data=DATA_ROOT, fashion=0.5 if method == "unicl" else 0.0)
-    needs_text = any(name != "simclr" for name, _ in r["objectives"])
-    needs_ssl_head = any(name == "simclr" for name, _ in r["objectives"])
+    args = parse_arg(
+        arg,
+        data=DATA_ROOT,
+        fashion=0.5 if method == "unicl" else 0.0,
+        topics="lda",  # text model of the topic targets (topic recipes)
+        topic_dim=40,
+    )
+    names = {name for name, _ in r["objectives"]}
+    needs_text = bool(names & TEXT_TERMS)
+    needs_ssl_head = bool(names & SSL_HEAD_TERMS)
+    needs_topics = bool(names & TOPIC_TERMS)
+    mocov3 = "mocov3" in names
 
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -121,6 +167,11 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
             )
             if needs_ssl_head
             else None,
+            # Optional heads (mmssl_jax/models/extra_heads.py): a linear map to the K topics,
+            # the 4-way rotation classifier, MoCo v3's predictor (4096 hidden, as MoCo v3).
+            topic_head=dict(out=args.topic_dim) if needs_topics else None,
+            rotation_head=dict() if "rotation" in names else None,
+            predictor=dict(hidden=(512,) if tiny else (4096,)) if mocov3 else None,
             vocab_size=-1,  # -1: read from the tokenizer
             context_length=32 if tiny else 77,
             dtype="float32",
@@ -131,10 +182,18 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
     config.objective_options = ml_collections.ConfigDict(
         dict(simclr=dict(temperature=0.1), supcon=dict(temperature=0.1))
     )
+    if mocov3:
+        config.objective_options.mocov3 = dict(temperature=0.2)
+        # Momentum of the EMA encoder: cosine from base to final over the run (MoCo v3).
+        config.momentum = ml_collections.ConfigDict(dict(base=0.99, final=1.0))
 
     config.data = ml_collections.ConfigDict(
         dict(
-            sources=embedded_sources(args.data, args.fashion),
+            sources=(
+                topic_sources(args.data, args.topics)
+                if needs_topics
+                else embedded_sources(args.data, args.fashion)
+            ),
             tokenizer=f"{args.data}/tokenizer/spm.model",
             image_size=s["image_size"],
             text_length=32 if tiny else 77,
@@ -147,6 +206,7 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
             prefetch_batches=2,
             skip_bad_records=False,
             shuffle=True,
+            topic_dim=args.topic_dim if needs_topics else 0,
         )
     )
     config.augment = ml_collections.ConfigDict(
@@ -162,10 +222,17 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
             solarize_prob=0.0,  # MoCo v3's asymmetric recipe uses 0.2 on one view
         )
     )
+    if mocov3:
+        # MoCo v3's asymmetric views: jitter (0.4, 0.4, 0.2, 0.1); blur 1.0 / 0.1; solarize
+        # 0 / 0.2 (view b overrides these fields of config.augment).
+        config.augment.update(dict(saturation=0.2, blur_prob=1.0))
+        config.augment_view_b = ml_collections.ConfigDict(dict(blur_prob=0.1, solarize_prob=0.2))
 
     config.optim = ml_collections.ConfigDict(
         dict(
-            lr=r["lr"],
+            # SLIP's lr at batch 4096 over 25 epochs of millions of pairs; the tiny CPU runs
+            # last a few hundred steps at batch 256, where 2e-3 learns in minutes.
+            lr=2e-3 if tiny else r["lr"],
             weight_decay=r["weight_decay"],
             b1=0.9,
             b2=0.98,
@@ -175,8 +242,20 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
             start_lr=1e-6,
             end_lr=1e-5,
             grad_clip_norm=0.0,
+            # Per-parameter rules, (regex over the '/'-joined parameter path, value), first
+            # match wins (mmssl_jax/param_rules.py): frozen parameters (LiT), lr multipliers,
+            # layer-wise lr decay (0: off) and weight-decay multipliers (SLIP's rule).
+            # Tuples, so the command line can override them:
+            # --config.optim.freeze="(('image_encoder/.*', True),)"
+            freeze=(),
+            lr_mults=(),
+            layer_decay=0.0,
+            wd_mults=tuple(SLIP_WD_RULES),
         )
     )
+    # Start from an export/checkpoint's weights (mmssl_jax/init_from.py); "" = from scratch.
+    # skip: regexes of parameters left at their fresh initialisation (e.g. a new head).
+    config.init_from = ml_collections.ConfigDict(dict(path="", skip=()))
     config.train = ml_collections.ConfigDict(
         dict(
             batch_size=256 if tiny else 4096,

@@ -29,9 +29,11 @@ from absl import logging
 from tqdm import tqdm
 
 from input_pipeline import augment
-from mmssl_jax import objectives, optim, parallel
+from mmssl_jax import momentum, objectives, optim, parallel
+from mmssl_jax.models.extra_heads import attach_heads
 from mmssl_jax.models.model import MultimodalModel
 from mmssl_jax.models.registry import build_model
+from mmssl_jax.objectives.rotation import rotate_batch
 
 LOG_MAX_SCALE = math.log(100.0)
 
@@ -43,6 +45,16 @@ OUTPUT_SOURCES = {
     "ssl_b": ("view_b",),
     "label": ("label",),
     "index": ("index",),
+    # Topic supervision, rotation, MoCo v3 and GDT (issue 7).
+    "topic_pred": ("image",),
+    "topics": ("topics",),
+    "rot_logits": ("rotated",),
+    "rotation": ("rotated",),
+    "pred_a": ("view_a",),
+    "pred_b": ("view_b",),
+    "key_a": ("view_a",),
+    "key_b": ("view_b",),
+    "id_hash": ("id_hash",),
 }
 
 
@@ -61,6 +73,8 @@ class TrainState:
     rng: jax.Array
     skipped_steps: jax.Array  # updates skipped for a non-finite loss/grad, in total
     bad_streak: jax.Array  # consecutive skipped updates up to now
+    # MoCo v3's momentum encoder (mmssl_jax/momentum.py); None unless a term needs it.
+    ema_params: Any = None
 
 
 def term_specs(config: ml_collections.ConfigDict) -> list[tuple[str, float, dict]]:
@@ -76,7 +90,7 @@ def term_specs(config: ml_collections.ConfigDict) -> list[tuple[str, float, dict
 def batch_keys_for(specs: Sequence[tuple[str, float, dict]]) -> set[str]:
     """The batch arrays the pipeline must produce for these objective terms."""
     keys = {"index"}
-    for output in objectives.needed_inputs([(n, w) for n, w, _ in specs]):
+    for output in objectives.needed_inputs(list(specs)):
         keys.update(OUTPUT_SOURCES.get(output, ()))
     return keys
 
@@ -100,25 +114,78 @@ def _forward(
         names.append("image")
     for i, view in enumerate(("view_a", "view_b")):
         if view in batch:
-            k = jax.random.fold_in(key, i + 1)
-            images.append(augment.normalize(augment.ssl_augment(batch[view], k, batch["index"], aug_cfg)))
+            images.append(_ssl_view(batch, i, key, aug_cfg))
             names.append(view)
+    if "rotated" in batch:  # rotation prediction: turned on the device, labels from the key
+        rotated, out["rotation"] = rotate_batch(
+            batch["rotated"], jax.random.fold_in(key, ROTATION_KEY), batch["index"]
+        )
+        images.append(augment.normalize(augment.to_float(rotated)))
+        names.append("rotated")
     if images:
         n = images[0].shape[0]
         enc = module.image_encoder(jnp.concatenate(images, axis=0), train=train)["feature"]
         feats = {name: enc[i * n : (i + 1) * n] for i, name in enumerate(names)}
         if "image" in feats:
             out["image_emb"] = module.image_projection(feats["image"]).astype(jnp.float32)
+            if module.topic_head is not None:
+                out["topic_pred"] = module.predict_topics(feats["image"], train=train)
         if "view_a" in feats:
             out["ssl_a"] = module.ssl_project_feature(feats["view_a"], train=train)
             out["ssl_b"] = module.ssl_project_feature(feats["view_b"], train=train)
+            if module.predictor is not None:  # MoCo v3 queries
+                out["pred_a"] = module.predict_ssl(out["ssl_a"], train=train)
+                out["pred_b"] = module.predict_ssl(out["ssl_b"], train=train)
+        if "rotated" in feats:
+            out["rot_logits"] = module.predict_rotation(feats["rotated"], train=train)
     if "tokens" in batch:
         out["text_emb"] = module.encode_text(batch["tokens"], train=train)["emb"]
     out["logit_scale"], out["logit_bias"] = module.scales()
-    for key_name in ("label", "index"):
+    for key_name in ("label", "index", "topics", "id_hash"):
         if key_name in batch:
             out[key_name] = batch[key_name]
     return out
+
+
+# fold_in offsets of the step key: SSL views use 1 and 2 (`_ssl_view`), rotation this one.
+ROTATION_KEY = 3
+
+
+def _ssl_view(batch: Mapping[str, jax.Array], i: int, key: jax.Array, aug_cfg: Any) -> jax.Array:
+    """SSL view i (0: view_a, 1: view_b) augmented on the device and normalised. `aug_cfg`
+    is one config for both views or a pair (MoCo v3's asymmetric recipe)."""
+    cfg = aug_cfg[i] if isinstance(aug_cfg, tuple | list) else aug_cfg
+    view = ("view_a", "view_b")[i]
+    k = jax.random.fold_in(key, i + 1)
+    return augment.normalize(augment.ssl_augment(batch[view], k, batch["index"], cfg))
+
+
+def _momentum_forward(
+    module: MultimodalModel,
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    aug_cfg: Any,
+    train: bool,
+) -> dict[str, jax.Array]:
+    """MoCo v3 keys `key_a`, `key_b`: encoder + projector (`ssl_head`) on the same augmented
+    views as `_forward`. Applied with `momentum.merged(params, ema_params)`."""
+    n = batch["view_a"].shape[0]
+    views = jnp.concatenate([_ssl_view(batch, i, key, aug_cfg) for i in (0, 1)], axis=0)
+    feats = module.image_encoder(views, train=train)["feature"]
+    return {
+        "key_a": module.ssl_project_feature(feats[:n], train=train),
+        "key_b": module.ssl_project_feature(feats[n:], train=train),
+    }
+
+
+def augment_configs(config: ml_collections.ConfigDict) -> Any:
+    """`config.augment` for both SSL views, or a pair when `config.augment_view_b` overrides
+    some fields for the second view (MoCo v3: blur 1.0 / 0.1, solarize 0 / 0.2)."""
+    cfg = augment.make_config(config.augment)
+    overrides = config.get("augment_view_b")
+    if not overrides:
+        return cfg
+    return cfg, augment.make_config({**config.augment.to_dict(), **dict(overrides)})
 
 
 def _microbatches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:
@@ -156,10 +223,13 @@ def make_train_step(
     aug_cfg: Any,
     grad_accum: int = 1,
     schedule: optax.Schedule | None = None,
+    momentum_schedule: optax.Schedule | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
+    """The pure `train_step(state, batch) -> (state, metrics)` (not yet jitted).
 
-    def loss_fn(params, batch_stats, batch, key):
+    `momentum_schedule` (step -> m) drives the EMA of `state.ema_params` when it is set."""
+
+    def loss_fn(params, batch_stats, batch, key, ema=None):
         variables = {"params": params}
         if batch_stats:
             variables["batch_stats"] = batch_stats
@@ -172,20 +242,31 @@ def make_train_step(
             method=_forward,
             mutable=["batch_stats"],
         )
+        if ema is not None:  # MoCo v3 keys from the momentum encoder; its BN updates dropped
+            keys, _ = model.apply(
+                {**variables, "params": momentum.merged(params, ema)},
+                batch,
+                key,
+                aug_cfg,
+                True,
+                method=_momentum_forward,
+                mutable=["batch_stats"],
+            )
+            outputs = {**outputs, **jax.lax.stop_gradient(keys)}
         loss, metrics = objectives.total_loss(specs, outputs, mesh)
         return loss, (metrics, mutated.get("batch_stats", batch_stats))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def accumulate(params, batch_stats, batch, key):
+    def accumulate(params, batch_stats, batch, key, ema):
         if grad_accum == 1:
-            (loss, (metrics, stats)), grads = grad_fn(params, batch_stats, batch, key)
+            (loss, (metrics, stats)), grads = grad_fn(params, batch_stats, batch, key, ema)
             return loss, metrics, stats, grads
 
         def body(carry, micro):
             stats, grad_sum, i = carry
             (loss, (metrics, stats)), grads = grad_fn(
-                params, stats, micro, jax.random.fold_in(key, i)
+                params, stats, micro, jax.random.fold_in(key, i), ema
             )
             grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
             return (stats, grad_sum, i + 1), (loss, metrics)
@@ -200,13 +281,18 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         loss, metrics, new_stats, grads = accumulate(
-            state.params, state.batch_stats, batch, key
+            state.params, state.batch_stats, batch, key, state.ema_params
         )
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = clamp_logit_scale(optax.apply_updates(state.params, updates))
         ok = jnp.isfinite(loss) & _all_finite(grads)
         bad = jnp.logical_not(ok).astype(jnp.int32)
+        new_ema, m = state.ema_params, None
+        if state.ema_params is not None:  # MoCo v3: the momentum m of the coming step
+            m = momentum_schedule(state.step + 1)
+            new_ema = _select(ok, momentum.ema_update(state.ema_params, new_params, m), new_ema)
         new_state = state.replace(
+            ema_params=new_ema,
             step=state.step + 1,
             params=_select(ok, new_params, state.params),
             batch_stats=_select(ok, new_stats, state.batch_stats),
@@ -224,6 +310,8 @@ def make_train_step(
         )
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
+        if m is not None:
+            metrics["momentum"] = m
         if "skipped" in batch:
             metrics["data/skipped_records"] = jnp.sum(batch["skipped"])
         return new_state, metrics
@@ -237,8 +325,10 @@ def init_state(
     image_size: int,
     context_length: int | None,
     seed: int,
+    ema: bool = False,
 ) -> TrainState:
-    """A fresh TrainState (call under jit with replicated out_shardings)."""
+    """A fresh TrainState (call under jit with replicated out_shardings); `ema` adds MoCo
+    v3's momentum copy of the image encoder and projector."""
     rng = jax.random.key(seed)
     init_rng, state_rng = jax.random.split(rng)
     images = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
@@ -255,6 +345,7 @@ def init_state(
         rng=jax.random.key_data(state_rng),
         skipped_steps=jnp.zeros((), jnp.int32),
         bad_streak=jnp.zeros((), jnp.int32),
+        ema_params=momentum.init_ema(params) if ema else None,
     )
 
 
@@ -303,7 +394,7 @@ class Trainer:
         self.specs = term_specs(config)
         self.batch_keys = batch_keys_for(self.specs)
         self.model_cfg = resolve_model_config(config)
-        self.model = build_model(self.model_cfg)
+        self.model = attach_heads(build_model(self.model_cfg), self.model_cfg)
         self.steps_per_epoch = max(1, num_records(config.data) // config.train.batch_size)
         self.total_steps = total_steps_for(config, self.steps_per_epoch)
         self.tx, self.schedule = optim.make_optimizer(
@@ -317,12 +408,19 @@ class Trainer:
             process_count=jax.process_count(),
         )
         replicated = parallel.replicated(self.mesh)
+        # MoCo v3: a momentum encoder in the state, moved by a cosine momentum schedule.
+        self.use_ema = momentum.uses_momentum(objectives.needed_inputs(self.specs))
+        mom_cfg = config.get("momentum") or {}
+        self.momentum_schedule = momentum.momentum_schedule(
+            mom_cfg.get("base", 0.99), self.total_steps, mom_cfg.get("final", 1.0)
+        )
         init = functools.partial(
             init_state,
             self.model,
             self.tx,
             config.data.image_size,
             self.model_cfg.get("context_length", config.data.text_length),
+            ema=self.use_ema,
         )
         self.state_shape = jax.eval_shape(init, config.seed)
         self.state_sharding = jax.tree.map(lambda _: replicated, self.state_shape)
@@ -332,9 +430,10 @@ class Trainer:
             self.tx,
             self.specs,
             self.mesh,
-            augment.make_config(config.augment),
+            augment_configs(config),
             config.train.grad_accum,
             self.schedule,
+            self.momentum_schedule if self.use_ema else None,
         )
         self.train_step = jax.jit(
             step,
@@ -416,20 +515,35 @@ class Trainer:
         return last
 
     def _flush(self, pending: list, writer, rate: float) -> dict[str, float]:
-        """Fetches pending metrics, writes them, and halts on a non-finite streak."""
+        """Fetches pending metrics, halts on a non-finite streak, writes interval averages."""
+        if not pending:
+            return {}
         rows = jax.device_get(pending)
         pending.clear()
-        last: dict[str, float] = {}
         for step, metrics in rows:
-            last = {k: float(np.asarray(v)) for k, v in metrics.items()}
-            if last["bad_streak"] >= self.config.train.max_bad_steps:
+            if float(metrics["bad_streak"]) >= self.config.train.max_bad_steps:
                 raise NonFiniteError(
-                    f"step {step}: {int(last['bad_streak'])} consecutive steps with a "
+                    f"step {step}: {int(metrics['bad_streak'])} consecutive steps with a "
                     "non-finite loss or gradient (updates skipped). The last checkpoint in "
                     f"{self.workdir}/checkpoints is intact. Lower optim.lr, set "
                     "optim.grad_clip_norm, or check the data (data.skip_bad_records)."
                 )
-        if last and writer is not None:
-            last["img_per_s"] = rate
-            writer.write(rows[-1][0], last)
-        return last
+        summary = summarize([m for _, m in rows])
+        summary["img_per_s"] = rate
+        if writer is not None:
+            writer.write(rows[-1][0], summary)
+        return summary
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """One log row per interval: means, except counters (last) and skipped records (sum)."""
+    out = {}
+    for key in rows[-1]:
+        values = np.array([float(np.asarray(r[key])) for r in rows])
+        if key in ("skipped_steps", "bad_streak"):
+            out[key] = float(values[-1])
+        elif key == "data/skipped_records":
+            out[key] = float(values.sum())
+        else:
+            out[key] = float(values.mean())
+    return out

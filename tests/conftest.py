@@ -16,10 +16,30 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+CACHE = Path(os.environ.get("MMSSL_TEST_CACHE", Path.home() / ".cache" / "mmssl_jax" / "tests"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache():
+    """A persistent XLA compilation cache: the same train step compiled by several tests (and
+    test subprocesses) compiles once. Results are unaffected; only compile time is saved."""
+    import jax
+
+    path = CACHE / "xla"
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)
+
+
 @pytest.fixture(scope="session")
-def embedded_data(tmp_path_factory) -> Path:
-    """The embedded default data (emoji + a Fashion-MNIST subset + tokenizer), built once."""
-    out = tmp_path_factory.mktemp("embedded")
+def embedded_data() -> Path:
+    """The embedded default data (emoji + a Fashion-MNIST subset + tokenizer).
+
+    Built by the real `make_shards.py embedded` command into a cache directory; its manifest
+    (hashes of inputs, code and parameters) makes a rebuild a no-op when nothing changed.
+    """
+    out = CACHE / "embedded"
     subprocess.run(
         [
             sys.executable,

@@ -25,17 +25,16 @@ def losses(workdir) -> np.ndarray:
     return np.array([row["loss"] for row in read_metrics(str(workdir))])
 
 
-@pytest.mark.parametrize(
-    "name,steps,drop",
-    [("tiny_slip", 60, 0.75), ("tiny_clip", 40, 0.8), ("tiny_simclr", 40, 0.9), ("tiny_unicl", 40, 0.8)],
-)
-def test_tiny_configs_learn(embedded_data, tmp_path, name, steps, drop):
-    config = tiny_config(name, embedded_data, total_steps=steps)
+@pytest.mark.parametrize("name", ["tiny_slip", "tiny_clip", "tiny_simclr", "tiny_unicl"])
+def test_tiny_configs_learn(embedded_data, tmp_path, name):
+    # One device: the 8-device equivalence is its own test; here only learning is checked.
+    config = tiny_config(name, embedded_data, total_steps=150, log_every=10, num_devices=1)
     trainer = Trainer(config, str(tmp_path))
     last = trainer.run()
     curve = losses(tmp_path)
     assert np.all(np.isfinite(curve))
-    assert curve[-1] < drop * curve[0], f"{name} did not learn: {curve}"
+    # Mean of the last three logged losses, well below the first (chance level).
+    assert curve[-3:].mean() < 0.85 * curve[0], f"{name} did not learn: {curve}"
     assert last["skipped_steps"] == 0
 
 
