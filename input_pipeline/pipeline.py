@@ -29,6 +29,13 @@ Batch keys (INTERFACES.md "Batches"); only those in `needs` are made, plus `inde
     label   int32 [B]        class index (+ the source's label offset) for a `use_labels`
                              source, -1 for a caption pair
     id_hash int32 [B]        CRC32 of the record id (or "source/record"), non-negative
+    topics  float32 [B,K]    the record's `topics` vector (shards from tools/fit_topics.py); a
+                             record without one, or of another length than data.topic_dim
+                             (when > 0), is a bad record
+    rotated uint8 [B,S,S,3]  a crop (scale data.clip_scale, flipped with p=0.5 if data.flip)
+                             for rotation prediction; it is rotated on the device (the k per
+                             sample comes from the step key and the sample index, see
+                             mmssl_jax/objectives/rotation.py), so no label crosses over
     index   int64 [B]        global position of the sample in the stream: unique over
                              processes and steps (seeds device augmentation)
     skipped int32 [B]        1 where a bad record was replaced (data.skip_bad_records)
@@ -68,7 +75,9 @@ from input_pipeline.tokenizer import Tokenizer
 from mmssl_jax.evaluation import templates as templates_lib
 
 # Keys a training batch can hold; "index" and "skipped" are always produced.
-BATCH_KEYS = frozenset({"image", "view_a", "view_b", "tokens", "label", "id_hash"})
+BATCH_KEYS = frozenset(
+    {"image", "view_a", "view_b", "tokens", "label", "id_hash", "topics", "rotated"}
+)
 ALWAYS_KEYS = frozenset({"index", "skipped"})
 # A run of this many bad records in a row (one replacement chain) means a broken shard set.
 MAX_REPLACEMENTS = 64
@@ -138,6 +147,7 @@ def default_config() -> ml_collections.ConfigDict:
     num_threads:       decode threads per process/worker (batches made concurrently).
     prefetch_batches:  batches buffered per process/worker.
     skip_bad_records:  replace and count bad records instead of raising.
+    topic_dim:         length K of every record's `topics` (0: not checked).
     """
     return ml_collections.ConfigDict(
         {
@@ -154,6 +164,7 @@ def default_config() -> ml_collections.ConfigDict:
             "num_threads": 4,
             "prefetch_batches": 2,
             "skip_bad_records": False,
+            "topic_dim": 0,
         }
     )
 
@@ -380,8 +391,10 @@ class _RecordProcessor:
         local_batch: int,
         global_batch: int,
         process_index: int,
+        topic_dim: int = 0,
     ):
         self.sources = list(sources)
+        self.topic_dim = topic_dim
         self.needs = needs
         self.tokenizer = tokenizer
         self.text_length = text_length
@@ -437,6 +450,8 @@ class _RecordProcessor:
             out["label"] = np.int32(label + source.label_offset if use else -1)
         if "id_hash" in self.needs:
             out["id_hash"] = _id_hash(example["id"], source, r)
+        if "topics" in self.needs:
+            out["topics"] = self._topics(example)
         if self.crop_specs:
             views = transforms.multi_crop(
                 example["image"], rng, [spec for _, spec in self.crop_specs]
@@ -444,6 +459,18 @@ class _RecordProcessor:
             for (key, _), view in zip(self.crop_specs, views, strict=True):
                 out[key] = view
         return out
+
+    def _topics(self, example: Mapping[str, Any]) -> np.ndarray:
+        topics = example["topics"]
+        if topics is None or topics.size == 0:
+            raise records.BadRecordError(
+                "", "record has no 'topics' feature (make shards with tools/fit_topics.py)"
+            )
+        if self.topic_dim > 0 and topics.size != self.topic_dim:
+            raise records.BadRecordError(
+                "", f"topics has {topics.size} values, data.topic_dim is {self.topic_dim}"
+            )
+        return np.asarray(topics, np.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -475,6 +502,9 @@ def _crop_specs(data_cfg, needs: frozenset[str]) -> list[tuple[str, transforms.C
         if key in needs:
             spec = transforms.CropSpec(size, tuple(data_cfg.ssl_scale), flip=bool(data_cfg.flip))
             specs.append((key, spec))
+    if "rotated" in needs:
+        spec = transforms.CropSpec(size, tuple(data_cfg.clip_scale), flip=bool(data_cfg.flip))
+        specs.append(("rotated", spec))
     return specs
 
 
@@ -529,6 +559,7 @@ def build_train_dataset(
         local_batch=local_batch,
         global_batch=global_batch_size,
         process_index=pi,
+        topic_dim=int(data_cfg.get("topic_dim", 0) or 0),
     )
     # Per-process augmentation seed: processes must not draw the same crops at a position.
     ds = ds.map_with_index(lambda position, x: (position, x))

@@ -1,4 +1,5 @@
-"""Heads on top of encoder features: the joint-space projection and SLIP's SimCLR MLP."""
+"""Heads on top of encoder features: the joint-space projection, SLIP's SimCLR MLP, and a
+generic MLP head (topic prediction, rotation classifier, MoCo v3 predictor)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,51 @@ class SimCLRHead(nn.Module):
             x = self._norm(x, train, name=f"norm{i}")
             x = nn.relu(x)
         return nn.Dense(self.out, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
+
+    def _norm(self, x: jax.Array, train: bool, name: str) -> jax.Array:
+        if self.norm == "batch":
+            return nn.BatchNorm(
+                use_running_average=not train,
+                momentum=0.9,
+                epsilon=1e-5,
+                axis_name=self.axis_name,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
+            )(x)
+        if self.norm == "layer":
+            return nn.LayerNorm(
+                epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+            )(x)
+        return x
+
+
+class MLPHead(nn.Module):
+    """[Dense(h)-Norm-ReLU] for each h in `hidden`, then Dense(out) (bias on).
+
+    The optional heads of the other objectives: the topic head (TextTopicNet: a linear map
+    from the image feature to the K topics, `hidden=()`), the 4-way rotation classifier
+    (RotNet), and MoCo v3's predictor (`hidden=(4096,)`, `norm="batch"`; MoCo v3's
+    predictor has no norm after its last layer, as here). `norm` as in `SimCLRHead`.
+    """
+
+    out: int
+    hidden: tuple[int, ...] = ()
+    norm: str = "none"
+    axis_name: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        for i, width in enumerate(self.hidden):
+            x = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name=f"fc{i}")(x)
+            x = self._norm(x, train, name=f"norm{i}")
+            x = nn.relu(x)
+        name = f"fc{len(self.hidden)}"
+        return nn.Dense(self.out, dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
 
     def _norm(self, x: jax.Array, train: bool, name: str) -> jax.Array:
         if self.norm == "batch":

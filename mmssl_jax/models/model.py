@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmssl_jax.models.heads import Projection, SimCLRHead
+from mmssl_jax.models.heads import MLPHead, Projection, SimCLRHead
 from mmssl_jax.models.vit import Dtype
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -40,6 +40,11 @@ class MultimodalModel(nn.Module):
       ssl_head: a `SimCLRHead` applied to the raw image feature, or None.
       max_logit_scale: `__call__` returns `exp(min(logit_scale, log(max_logit_scale)))`.
       dtype: compute dtype of the projections; `param_dtype` the storage dtype.
+      topic_head: an `MLPHead` from the raw image feature to the K topic logits (text-topic
+        supervision), or None.
+      rotation_head: an `MLPHead` from the raw image feature to 4 rotation logits, or None.
+      predictor: MoCo v3's predictor `MLPHead` on the `ssl_head` output, or None.
+    The three optional heads default to None, which keeps the parameter tree unchanged.
     """
 
     image_encoder: nn.Module
@@ -49,6 +54,9 @@ class MultimodalModel(nn.Module):
     max_logit_scale: float = 100.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    topic_head: MLPHead | None = None
+    rotation_head: MLPHead | None = None
+    predictor: MLPHead | None = None
 
     def setup(self) -> None:
         proj = lambda: Projection(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -87,6 +95,24 @@ class MultimodalModel(nn.Module):
             raise ValueError("this model has no ssl_head")
         return self.ssl_head(feature, train=train).astype(jnp.float32)
 
+    def predict_topics(self, feature: jax.Array, train: bool = False) -> jax.Array:
+        """Topic logits `[B, K]` float32 from a raw image feature (`topic_head`)."""
+        if self.topic_head is None:
+            raise ValueError("this model has no topic_head")
+        return self.topic_head(feature, train=train).astype(jnp.float32)
+
+    def predict_rotation(self, feature: jax.Array, train: bool = False) -> jax.Array:
+        """Rotation logits `[B, 4]` float32 from a raw image feature (`rotation_head`)."""
+        if self.rotation_head is None:
+            raise ValueError("this model has no rotation_head")
+        return self.rotation_head(feature, train=train).astype(jnp.float32)
+
+    def predict_ssl(self, z: jax.Array, train: bool = False) -> jax.Array:
+        """MoCo v3 query `[B, out]` float32: the predictor on an `ssl_head` output."""
+        if self.predictor is None:
+            raise ValueError("this model has no predictor")
+        return self.predictor(z, train=train).astype(jnp.float32)
+
     def scales(self) -> tuple[jax.Array, jax.Array]:
         """`(exp(logit_scale) clamped to max_logit_scale, logit_bias)`, float32 scalars."""
         log_max = math.log(self.max_logit_scale)
@@ -99,7 +125,8 @@ class MultimodalModel(nn.Module):
         """Runs every part once (so `init` creates all params).
 
         Returns `image_emb`, `image_feature`, `logit_scale` (exponentiated, clamped),
-        `logit_bias`, plus `text_emb` with a text encoder and `ssl` with an ssl_head.
+        `logit_bias`, plus `text_emb` with a text encoder, `ssl` with an ssl_head, and
+        `topic_pred` / `rot_logits` / `ssl_pred` with the optional heads.
         """
         image = self.encode_image(images, train=train)
         scale, bias = self.scales()
@@ -115,4 +142,12 @@ class MultimodalModel(nn.Module):
             out["text_emb"] = self.encode_text(tokens, train=train)["emb"]
         if self.ssl_head is not None:
             out["ssl"] = self.ssl_project_feature(image["feature"], train=train)
+        if self.topic_head is not None:
+            out["topic_pred"] = self.predict_topics(image["feature"], train=train)
+        if self.rotation_head is not None:
+            out["rot_logits"] = self.predict_rotation(image["feature"], train=train)
+        if self.predictor is not None:
+            if self.ssl_head is None:
+                raise ValueError("a MoCo v3 predictor needs an ssl_head (the projector)")
+            out["ssl_pred"] = self.predict_ssl(out["ssl"], train=train)
         return out

@@ -19,12 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmssl_jax.models.vit import Block, Dtype
+from mmssl_jax.models.vit import Block, Dtype, activation, quick_gelu  # noqa: F401
 
-
-def quick_gelu(x: jax.Array) -> jax.Array:
-    """CLIP's GELU approximation `x * sigmoid(1.702 x)`."""
-    return x * jax.nn.sigmoid(1.702 * x)
+POOLS = ("eos", "argmax")
 
 
 def eos_position(tokens: jax.Array) -> jax.Array:
@@ -38,6 +35,10 @@ class TextTransformer(nn.Module):
     `__call__(tokens int32 [B, L], train) -> {"feature": [B, width], "sequence": [B, L, width]}`
     with `L <= context_length`. `sequence` is every position after the final norm (unused
     outputs cost nothing under jit). `remat=True` rematerialises each block in the backward pass.
+
+    `pool="eos"` takes the feature at `eos_position` (this codebase's tokenizer);
+    `pool="argmax"` at `argmax(tokens)`, as CLIP/SLIP do with CLIP's BPE tokens (EOT has the
+    highest id), for converted PyTorch weights. `act="gelu"` is open_clip's own text tower.
     """
 
     vocab_size: int = 49_408
@@ -46,12 +47,16 @@ class TextTransformer(nn.Module):
     layers: int = 12
     heads: int = 8
     remat: bool = False
+    pool: str = "eos"
+    act: str = "quick_gelu"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, tokens: jax.Array, train: bool = False) -> dict:
         del train  # No dropout or batch statistics; kept for a uniform encoder signature.
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         length = tokens.shape[-1]
         if length > self.context_length:
             raise ValueError(f"{length} tokens exceed context_length {self.context_length}")
@@ -81,7 +86,7 @@ class TextTransformer(nn.Module):
                 self.heads,
                 mlp_ratio=4.0,
                 ln_eps=1e-5,
-                act=quick_gelu,
+                act=activation(self.act),
                 causal=True,
                 qkv_init=nn.initializers.normal(attn_std),
                 proj_init=nn.initializers.normal(proj_std),
@@ -94,5 +99,6 @@ class TextTransformer(nn.Module):
         x = nn.LayerNorm(
             epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_final"
         )(x)
-        feature = jnp.take_along_axis(x, eos_position(tokens)[:, None, None], axis=1)[:, 0]
+        pos = eos_position(tokens) if self.pool == "eos" else jnp.argmax(tokens, axis=-1)
+        feature = jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
         return {"feature": feature, "sequence": x}

@@ -32,6 +32,25 @@ def gelu_exact(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """CLIP's GELU approximation `x * sigmoid(1.702 x)`."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# Activations by name, so configs (and exported model configs) stay plain JSON.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": gelu_exact,
+    "quick_gelu": quick_gelu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation called `name` (see `ACTIVATIONS`)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; valid: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (`qkv`) and an output `proj`.
 
@@ -141,6 +160,11 @@ class VisionTransformer(nn.Module):
     tokens after the final norm (`pool="gap"`). `blocks[i]` is the class token (for "gap": the
     patch-token mean) of the residual stream after block i, before the final norm.
     `remat=True` rematerialises each block in the backward pass (less memory, ~30% more FLOPs).
+
+    The defaults are timm's ViT (SLIP). OpenAI CLIP / open_clip ViTs (converted by
+    `mmssl_jax.convert_torch`) set `ln_pre=True` (LayerNorm `ln_pre` after the position
+    embedding), `patch_bias=False`, `ln_eps=1e-5` and `act="quick_gelu"` (OpenAI weights) or
+    "gelu" (open_clip's own); their `ln_post` is `norm` and `proj` the model's image projection.
     """
 
     width: int = 128
@@ -151,6 +175,10 @@ class VisionTransformer(nn.Module):
     mlp_ratio: float = 4.0
     pool: str = "cls"
     remat: bool = False
+    ln_pre: bool = False
+    patch_bias: bool = True
+    ln_eps: float = 1e-6
+    act: str = "gelu"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -169,7 +197,7 @@ class VisionTransformer(nn.Module):
             (p, p),
             strides=(p, p),
             padding="VALID",
-            use_bias=True,
+            use_bias=self.patch_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="patch_embed",
@@ -182,6 +210,11 @@ class VisionTransformer(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, self.width)), x], 1)
         pos = self.param("pos_embed", TIMM_NORMAL, (1, *x.shape[1:]), self.param_dtype)
         x = x + pos.astype(x.dtype)
+        norm = lambda name: nn.LayerNorm(
+            epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        if self.ln_pre:
+            x = norm("ln_pre")(x)
 
         pool = (lambda t: t[:, 0]) if self.pool == "cls" else (lambda t: t[:, 1:].mean(axis=1))
         block_cls = nn.remat(Block) if self.remat else Block
@@ -191,14 +224,12 @@ class VisionTransformer(nn.Module):
                 self.width,
                 self.heads,
                 mlp_ratio=self.mlp_ratio,
-                ln_eps=1e-6,
-                act=gelu_exact,
+                ln_eps=self.ln_eps,
+                act=activation(self.act),
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"blocks_{i}",
             )(x)
             blocks.append(pool(x))
-        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(
-            x
-        )
+        x = norm("norm")(x)
         return {"feature": pool(x), "blocks": tuple(blocks)}

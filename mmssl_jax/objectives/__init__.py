@@ -9,6 +9,8 @@ from mmssl_jax.objectives.contrastive import (
     unicl_target_ids,
 )
 from mmssl_jax.objectives.core import column_offset, gather_rows, masked_contrastive
+from mmssl_jax.objectives.gdt import gdt_loss
+from mmssl_jax.objectives.mocov3 import mocov3_loss
 from mmssl_jax.objectives.registry import (
     Term,
     get_term,
@@ -17,22 +19,39 @@ from mmssl_jax.objectives.registry import (
     term_names,
     total_loss,
 )
+from mmssl_jax.objectives.rotation import rotate_batch, rotation_loss
 from mmssl_jax.objectives.siglip import siglip_loss
+from mmssl_jax.objectives.topics import (
+    topic_bce_loss,
+    topic_contrastive_loss,
+    topic_mse_loss,
+    topic_softmax_loss,
+    topic_triplet_loss,
+)
 
 __all__ = [
     "Term",
     "clip_loss",
     "column_offset",
     "gather_rows",
+    "gdt_loss",
     "gdt_masks",
     "get_term",
     "masked_contrastive",
+    "mocov3_loss",
     "needed_inputs",
     "register_term",
+    "rotate_batch",
+    "rotation_loss",
     "siglip_loss",
     "simclr_loss",
     "supcon_loss",
     "term_names",
+    "topic_bce_loss",
+    "topic_contrastive_loss",
+    "topic_mse_loss",
+    "topic_softmax_loss",
+    "topic_triplet_loss",
     "total_loss",
     "unicl_loss",
     "unicl_target_ids",

@@ -36,18 +36,29 @@ class Term:
     name: str
     needs: frozenset[str]
     fn: TermFn
+    # Optional `needs_fn(**options) -> set of keys`, for terms whose inputs depend on their
+    # options (e.g. which views GDT compares); `get_term(name, **options)` then uses it.
+    needs_fn: Callable[..., Iterable[str]] | None = None
 
 
 _TERMS: dict[str, Term] = {}
 
 
-def register_term(name: str, needs: Iterable[str]) -> Callable[[Callable], Callable]:
-    """Decorator registering `fn(outputs, axis_name, **options)` as term `name`."""
+def register_term(
+    name: str,
+    needs: Iterable[str],
+    needs_fn: Callable[..., Iterable[str]] | None = None,
+) -> Callable[[Callable], Callable]:
+    """Decorator registering `fn(outputs, axis_name, **options)` as term `name`.
+
+    `needs` are the output keys it reads with default options; `needs_fn(**options)`, when
+    given, returns them for a term bound with options (see `get_term`).
+    """
 
     def decorate(fn: Callable) -> Callable:
         if name in _TERMS:
             raise ValueError(f"objective term {name!r} is already registered")
-        _TERMS[name] = Term(name, frozenset(needs), fn)
+        _TERMS[name] = Term(name, frozenset(needs), fn, needs_fn)
         return fn
 
     return decorate
@@ -70,7 +81,8 @@ def get_term(name: str, **options: Any) -> Term:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"term {name!r} has no option(s) {unknown}; its options: {allowed}")
-    return dataclasses.replace(term, fn=functools.partial(term.fn, **options))
+    needs = term.needs if term.needs_fn is None else frozenset(term.needs_fn(**options))
+    return dataclasses.replace(term, needs=needs, fn=functools.partial(term.fn, **options))
 
 
 def _parse(terms: Sequence[TermSpec]) -> list[tuple[str, float, dict[str, Any]]]:
@@ -90,8 +102,9 @@ def _parse(terms: Sequence[TermSpec]) -> list[tuple[str, float, dict[str, Any]]]
 
 
 def needed_inputs(terms: Sequence[TermSpec]) -> set[str]:
-    """The output keys the given terms read (so the pipeline/model compute only those)."""
-    return set().union(*(get_term(name).needs for name, _, _ in _parse(terms)))
+    """The output keys the given terms read (so the pipeline/model compute only those);
+    a (name, weight, options) spec counts the options (see `Term.needs_fn`)."""
+    return set().union(*(get_term(name, **opts).needs for name, _, opts in _parse(terms)))
 
 
 def total_loss(
