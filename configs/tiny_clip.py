@@ -1,4 +1,4 @@
-"""CLIP with the tiny CPU towers on the embedded default data (SLIP's published recipe; sizes from configs/common.py)."""
+"""CLIP with the tiny CPU towers on the embedded default data."""
 
 from configs.common import recipe
 

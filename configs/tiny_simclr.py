@@ -1,4 +1,4 @@
-"""SimCLR with the tiny CPU towers on the embedded default data (SLIP's published recipe; sizes from configs/common.py)."""
+"""SimCLR with the tiny CPU towers on the embedded default data."""
 
 from configs.common import recipe
 

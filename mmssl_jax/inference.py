@@ -55,19 +55,21 @@ class ModelEncoder:
 
     def image_features(self, images: np.ndarray) -> dict[str, np.ndarray]:
         chunks = [
-            jax.device_get(self._images(self.variables, _pad(images[i : i + self.batch_size], self.batch_size)))
+            jax.device_get(
+                self._images(self.variables, _pad(images[i : i + self.batch_size], self.batch_size))
+            )
             for i in range(0, len(images), self.batch_size)
         ]
-        return {
-            k: np.concatenate([c[k] for c in chunks])[: len(images)] for k in chunks[0]
-        }
+        return {k: np.concatenate([c[k] for c in chunks])[: len(images)] for k in chunks[0]}
 
     def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
         if self.tokenizer is None or self.model.text_encoder is None:
             raise ValueError("this encoder has no text tower")
         tokens = self.tokenizer.encode(list(texts), self.text_length)
         chunks = [
-            np.asarray(self._texts(self.variables, _pad(tokens[i : i + self.batch_size], self.batch_size)))
+            np.asarray(
+                self._texts(self.variables, _pad(tokens[i : i + self.batch_size], self.batch_size))
+            )
             for i in range(0, len(tokens), self.batch_size)
         ]
         return np.concatenate(chunks)[: len(texts)]

@@ -89,8 +89,7 @@ class MetricWriter:
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         clean = {k: float(v) for k, v in metrics.items()}
         self._jsonl.write(
-            json.dumps({"step": int(step), **{k: _json_safe(v) for k, v in clean.items()}})
-            + "\n"
+            json.dumps({"step": int(step), **{k: _json_safe(v) for k, v in clean.items()}}) + "\n"
         )
         self._jsonl.flush()
         if self._events is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -461,8 +460,12 @@ class Trainer:
         for batch in self.data_iter:
             yield parallel.to_global(batch, self.mesh)
 
-    def run(self, preemption=None) -> dict[str, float]:
-        """Trains to total_steps (resuming if possible); returns the last logged metrics."""
+    def run(self, preemption=None, stop_at: int | None = None) -> dict[str, float]:
+        """Trains to total_steps (resuming if possible); returns the last logged metrics.
+
+        `stop_at` ends this process early at that step with a checkpoint, exactly as a
+        preemption would (the schedule still spans total_steps); resuming continues from it.
+        """
         from mmssl_jax.checkpoint import Checkpointer, PreemptionHandler
         from mmssl_jax.metrics_writer import MetricWriter
 
@@ -497,9 +500,10 @@ class Trainer:
                     bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{rate:.0f}")
                 if done % cfg.ckpt_every == 0 and done != self.total_steps:
                     ckpt.save(done, state, self.data_iter)
-                if preemption.requested.is_set():
+                if preemption.requested.is_set() or done == stop_at:
                     self._flush(pending, writer, 0.0)
-                    ckpt.save(done, state, self.data_iter, force=True)
+                    if ckpt.latest_step() != done:
+                        ckpt.save(done, state, self.data_iter, force=True)
                     ckpt.wait()
                     logging.warning("preempted: checkpoint at step %d written; exiting", done)
                     return last

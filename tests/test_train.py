@@ -43,8 +43,8 @@ def test_resume_gives_identical_losses(embedded_data, tmp_path):
     Trainer(tiny_config("tiny_clip", embedded_data, total_steps=20), str(straight)).run()
 
     resumed = tmp_path / "resumed"
-    Trainer(tiny_config("tiny_clip", embedded_data, total_steps=10), str(resumed)).run()
-    # A new process-like Trainer picks up the checkpoint (state + data iterator) at step 10.
+    Trainer(tiny_config("tiny_clip", embedded_data, total_steps=20), str(resumed)).run(stop_at=10)
+    # A new Trainer (as a new process would) picks up the checkpoint (state + data iterator).
     Trainer(tiny_config("tiny_clip", embedded_data, total_steps=20), str(resumed)).run()
     a, b = losses(straight), losses(resumed)
     assert len(a) == len(b) == 4
