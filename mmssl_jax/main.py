@@ -62,6 +62,8 @@ def main(argv: list[str]) -> None:
     trainer = Trainer(config, workdir)
     if FLAGS.mode == "train":
         trainer.run()
+        if getattr(trainer, "stopped_early", False):
+            return  # preempted: the checkpoint is written; evaluate after the resumed run
     results = evaluation_hook.evaluate_latest(trainer)
     if jax.process_index() == 0 and results:
         print("\n".join(f"{k}: {v:.4f}" for k, v in sorted(results.items())))

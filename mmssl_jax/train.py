@@ -506,6 +506,7 @@ class Trainer:
                         ckpt.save(done, state, self.data_iter, force=True)
                     ckpt.wait()
                     logging.warning("preempted: checkpoint at step %d written; exiting", done)
+                    self.stopped_early = True
                     return last
             if start < self.total_steps or ckpt.latest_step() != self.total_steps:
                 ckpt.save(self.total_steps, state, self.data_iter, force=True)
