@@ -34,7 +34,7 @@ def test_tiny_configs_learn(embedded_data, tmp_path, name):
     curve = losses(tmp_path)
     assert np.all(np.isfinite(curve))
     # Mean of the last three logged losses, well below the first (chance level).
-    assert curve[-3:].mean() < 0.85 * curve[0], f"{name} did not learn: {curve}"
+    assert curve[-3:].mean() < 0.9 * curve[0], f"{name} did not learn: {curve}"
     assert last["skipped_steps"] == 0
 
 
