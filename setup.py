@@ -35,6 +35,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
+    # gensim: word2vec document vectors for text-topic targets (tools/fit_topics.py); LDA and
+    # TF-IDF/LSA come from scikit-learn. A trained skip-gram is not worth hand-writing.
+    "topics": ["gensim>=4.4,<5"],
     "dev": [
         "pytest>=8,<10",
         "ruff>=0.6",
@@ -56,7 +59,9 @@ setup(
     packages=find_packages(
         include=["mmssl_jax", "mmssl_jax.*", "input_pipeline", "input_pipeline.*", "configs"]
     ),
-    package_data={"mmssl_jax": ["evaluation/templates/*.json"]},
+    package_data={
+        "mmssl_jax": ["evaluation/templates/*.json", "evaluation/templates/classnames/*.json"]
+    },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

@@ -268,6 +268,10 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
             eval_every=-1,  # -1: evaluate at the end only
             max_bad_steps=10,
             num_devices=-1,  # -1: all devices
+            # FSDP (ZeRO-3): shard parameters and optimizer moments over the data axis by
+            # their largest divisible dimension; tensors under fsdp_min_size_mb replicated.
+            fsdp=False,
+            fsdp_min_size_mb=4.0,
             progress=True,
         )
     )

@@ -14,6 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mmssl_jax import distributed
 from mmssl_jax.config_utils import check_keys, override_keys
 
 FLAGS = flags.FLAGS
@@ -21,6 +22,7 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:a
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (then evaluate) or evaluate.")
 flags.mark_flags_as_required(["config", "workdir"])
+distributed.define_flags()  # --distributed, --coordinator_address, --num_processes, ...
 
 
 def _check_overrides(argv: list[str]) -> None:
@@ -47,6 +49,7 @@ def _check_overrides(argv: list[str]) -> None:
 
 def main(argv: list[str]) -> None:
     del argv
+    distributed.initialize_from_flags()  # before anything touches devices
     import jax
 
     from mmssl_jax import evaluation_hook

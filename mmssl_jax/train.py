@@ -5,8 +5,9 @@ The step is one jitted function over global arrays on a ("data",) mesh:
     uint8 views -> device augmentation -> encoders (GSPMD over the batch) -> objective terms
     (each under jax.shard_map with all-gathered embeddings) -> grads -> AdamW -> clamp scale
 
-Model parameters and optimizer state are replicated (data parallel); the batch is sharded on
-its leading axis. A non-finite loss or gradient skips the update (params, optimizer and batch
+Model parameters and optimizer state are replicated (data parallel), or sharded by their
+largest dimension with `train.fsdp` (sharding_rules.py); the batch is sharded on its leading
+axis. A non-finite loss or gradient skips the update (params, optimizer and batch
 statistics stay as they were), is counted, and N in a row halt the run with a clear message.
 """
 
@@ -29,7 +30,6 @@ from tqdm import tqdm
 
 from input_pipeline import augment
 from mmssl_jax import momentum, objectives, optim, parallel
-from mmssl_jax.models.extra_heads import attach_heads
 from mmssl_jax.models.model import MultimodalModel
 from mmssl_jax.models.registry import build_model
 from mmssl_jax.objectives.rotation import rotate_batch
@@ -302,8 +302,8 @@ def make_train_step(
         metrics = dict(metrics)
         metrics.update(
             loss=loss,
-            grad_norm=optax.global_norm(grads),
-            param_norm=optax.global_norm(state.params),
+            grad_norm=optax.tree.norm(grads),
+            param_norm=optax.tree.norm(state.params),
             skipped_steps=new_state.skipped_steps,
             bad_streak=new_state.bad_streak,
         )
@@ -374,6 +374,17 @@ def resolve_model_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     return model_cfg
 
 
+def state_shardings(train_cfg: Mapping[str, Any], state_shape: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Shardings of the train state: replicated (data parallel), or FSDP with `train.fsdp`."""
+    if not train_cfg.get("fsdp", False):
+        replicated = parallel.replicated(mesh)
+        return jax.tree.map(lambda _: replicated, state_shape)
+    from mmssl_jax import sharding_rules
+
+    min_bytes = int(float(train_cfg.get("fsdp_min_size_mb", 4.0)) * 2**20)
+    return sharding_rules.state_shardings(state_shape, mesh, min_size_bytes=min_bytes)
+
+
 class Trainer:
     """Builds everything a run needs from a config; `run()` trains, resumes and evaluates."""
 
@@ -393,7 +404,7 @@ class Trainer:
         self.specs = term_specs(config)
         self.batch_keys = batch_keys_for(self.specs)
         self.model_cfg = resolve_model_config(config)
-        self.model = attach_heads(build_model(self.model_cfg), self.model_cfg)
+        self.model = build_model(self.model_cfg)
         self.steps_per_epoch = max(1, num_records(config.data) // config.train.batch_size)
         self.total_steps = total_steps_for(config, self.steps_per_epoch)
         self.tx, self.schedule = optim.make_optimizer(
@@ -422,7 +433,14 @@ class Trainer:
             ema=self.use_ema,
         )
         self.state_shape = jax.eval_shape(init, config.seed)
-        self.state_sharding = jax.tree.map(lambda _: replicated, self.state_shape)
+        if jax.process_index() == 0:
+            from mmssl_jax.param_rules import rules_table
+
+            logging.info(
+                "parameter rules:\n%s",
+                rules_table(config.optim, self.state_shape.params, per_parameter=False),
+            )
+        self.state_sharding = state_shardings(config.train, self.state_shape, self.mesh)
         self._init = jax.jit(init, static_argnums=0, out_shardings=self.state_sharding)
         step = make_train_step(
             self.model,
@@ -452,7 +470,9 @@ class Trainer:
         """Restores the latest checkpoint in the workdir, or initialises."""
         latest = checkpointer.latest_step()
         if latest is None:
-            return self._init(self.config.seed)
+            from mmssl_jax.init_from import maybe_init_from
+
+            return maybe_init_from(self._init(self.config.seed), self.config, self.state_sharding)
         logging.info("resuming from %s/%d", checkpointer.directory, latest)
         return checkpointer.restore(self.abstract_state(), self.data_iter, latest)
 

@@ -14,4 +14,4 @@ fi
 # torch 2.13.0 CPU is the wheel pip takes from this machine's disk; a plain `torch` would
 # pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0" || python -m pip install -q "torch>=2.9,<2.14"
-python -m pip install -q -e ".[dev,torch]"
+python -m pip install -q -e ".[dev,torch,topics]"

@@ -6,6 +6,12 @@
     python tools/make_shards.py folder --images_dir imgs --captions caps.jsonl --output data/x/x
     python tools/make_shards.py tfds --name my_ds --data_dir ~/tfds --split train,test \\
         --output data/my_ds/my_ds
+    python tools/make_shards.py webdataset 'shards-{00000..00009}.tar' --output data/wds/wds
+    python tools/make_shards.py csv train.csv --separator , --output data/mine/mine
+    python tools/make_shards.py coco annotations/captions_train2017.json \\
+        annotations/captions_val2017.json --images_dir coco --output data/coco/coco
+    python tools/make_shards.py cc3m Train_GCC-training.tsv --images_dir cc3m/images \\
+        --filename '{index}' --output data/cc3m/cc3m
     python tools/make_shards.py index 'data/other/*.tfrecord'   # .idx for foreign shards
     python tools/make_shards.py embedded --output_dir data      # the embedded default
 
@@ -107,6 +113,41 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--text_key", default=None, help="feature holding the caption(s)")
     p.add_argument("--module", default=None, help="module to import that defines the builder")
 
+    p = sub.add_parser("webdataset", help="WebDataset tars: key.jpg|png|webp + key.txt/json/cls")
+    _common(p)
+    p.add_argument("shards", nargs="+", help="tar paths, globs or {00000..00031} ranges")
+    p.add_argument("--split", default=None, help="split name in the shard names (optional)")
+    p.add_argument("--json_caption_key", default="caption", help="'' to ignore key.json")
+    p.add_argument("--classnames", default=None, help="JSON list of names for key.cls labels")
+    p.add_argument("--max_pixels", type=int, default=89_478_485, help="larger images are bad")
+
+    p = sub.add_parser("csv", help="open_clip CSV/TSV: image path and caption columns")
+    _common(p)
+    p.add_argument("table", help="the CSV/TSV file")
+    p.add_argument("--separator", default="\\t", help="field separator (open_clip: tab)")
+    p.add_argument("--path_column", default="filepath", help="open_clip's --csv-img-key")
+    p.add_argument("--caption_column", default="title", help="open_clip's --csv-caption-key")
+    p.add_argument("--images_dir", default=None, help="root of relative paths (default: cwd)")
+    p.add_argument("--filename", default="{value}", help="{value} {index} {basename} {sha1}")
+    p.add_argument("--split", default=None, help="split name in the shard names (optional)")
+    p.add_argument("--max_pixels", type=int, default=89_478_485, help="larger images are bad")
+
+    p = sub.add_parser("coco", help="COCO captions_*.json + image folder, all captions per image")
+    _common(p)
+    p.add_argument("annotations", nargs="+", help="captions_<split>.json files")
+    p.add_argument("--images_dir", required=True, help="holds <split>/ folders or the images")
+    p.add_argument("--max_pixels", type=int, default=89_478_485, help="larger images are bad")
+
+    p = sub.add_parser("cc3m", help="CC3M-style TSV (caption, url) with images already on disk")
+    _common(p)
+    p.add_argument("tsv", help="e.g. Train_GCC-training.tsv")
+    p.add_argument("--images_dir", required=True, help="where the images were downloaded")
+    p.add_argument("--filename", default="{index}", help="{index} {basename} {sha1} {value}")
+    p.add_argument("--caption_column", default="0", help="name or 0-based number")
+    p.add_argument("--path_column", default="1", help="name or 0-based number (url or path)")
+    p.add_argument("--split", default=None, help="split name in the shard names (optional)")
+    p.add_argument("--max_pixels", type=int, default=89_478_485, help="larger images are bad")
+
     p = sub.add_parser("index", help="write the .idx of shards made elsewhere")
     p.add_argument("paths", nargs="+", help="shard paths or globs")
 
@@ -166,6 +207,42 @@ def make_plan(args: argparse.Namespace) -> shard_writer.Plan:
             text_key=args.text_key,
             limit=args.limit,
             module=args.module,
+        )
+    if args.source == "webdataset":
+        from input_pipeline.sources import webdataset
+
+        return webdataset.plan(
+            shards=args.shards,
+            split=args.split,
+            json_caption_key=args.json_caption_key or None,
+            classnames=args.classnames,
+            limit=args.limit,
+            max_pixels=args.max_pixels,
+        )
+    if args.source in ("csv", "cc3m"):
+        from input_pipeline.sources import cc3m, csv_source
+
+        kw = dict(
+            images_dir=args.images_dir,
+            path_column=args.path_column,
+            caption_column=args.caption_column,
+            filename=args.filename,
+            split=args.split,
+            limit=args.limit,
+            max_pixels=args.max_pixels,
+        )
+        if args.source == "cc3m":
+            return cc3m.plan(tsv=args.tsv, **kw)
+        separator = {"\\t": "\t", "tab": "\t"}.get(args.separator, args.separator)
+        return csv_source.plan(table=args.table, separator=separator, **kw)
+    if args.source == "coco":
+        from input_pipeline.sources import coco
+
+        return coco.plan(
+            annotations=args.annotations,
+            images_dir=args.images_dir,
+            limit=args.limit,
+            max_pixels=args.max_pixels,
         )
     raise ValueError(f"unknown source {args.source!r}")
 

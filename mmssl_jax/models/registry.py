@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmssl_jax.models.extra_heads import heads_from_config
 from mmssl_jax.models.heads import SimCLRHead
 from mmssl_jax.models.model import MultimodalModel
 from mmssl_jax.models.resnet import ResNet
@@ -90,6 +91,9 @@ def build_model(cfg: Any) -> MultimodalModel:
         that field (ViT `image_size`, text `context_length`); absent or None keeps the table's.
       image_overrides / text_overrides (mapping, default {}): any encoder fields to replace,
         e.g. {"depth": 6, "patch_size": 4}; these win over the keys above.
+      topic_head / rotation_head / predictor (mapping, optional): the extra heads of the
+        topic, rotation and MoCo v3 objectives (see `extra_heads`), so that export and
+        conversion rebuild exactly the trained model.
     """
     dtype = _dtype(cfg.get("dtype", "float32"))
     shared = {
@@ -129,4 +133,5 @@ def build_model(cfg: Any) -> MultimodalModel:
         embed_dim=int(cfg.get("embed_dim", 512)),
         ssl_head=head,
         dtype=dtype,
+        **heads_from_config(cfg, dtype),
     )

@@ -1,0 +1,327 @@
+"""Start training from other weights (`config.init_from`), and WiSE-FT weight interpolation.
+
+`config.init_from.path` names any of:
+- an export directory (tools/export.py or tools/convert_torch.py: `params.safetensors`, its
+  manifest checked when present), or a bare `.safetensors` / flax `.msgpack` file;
+- a training workdir (its latest checkpoint), its `checkpoints/` folder, or one step folder
+  `checkpoints/<step>`.
+Every model parameter must be in the file with the same shape, except those matching a regex
+of `config.init_from.skip` (left at their fresh initialisation, e.g. a new head); the first
+one that is not is a clear error naming it. Entries the model lacks (an SSL head, a text
+tower the fine-tune does not use) are ignored and counted in the log.
+
+WiSE-FT (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): the fine-tuned
+weights interpolated with the ones fine-tuning started from,
+theta(alpha) = (1 - alpha) * theta_zero_shot + alpha * theta_fine_tuned:
+
+    python -m mmssl_jax.init_from --config=configs/finetune_tiny.py:init=WORKDIR_OR_EXPORT \\
+        --workdir=FINETUNE_DIR --output=OUT_DIR --alpha=0.5
+    python -m mmssl_jax.main --config=configs/finetune_tiny.py:init=... --workdir=OUT_DIR \\
+        --mode=eval
+
+writes OUT_DIR/checkpoints/<step> (the fine-tuned train state with interpolated parameters)
+and OUT_DIR/config.json, so evaluation and tools/export.py read it like any run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from mmssl_jax.param_rules import flat_params, path_of
+
+PARAMS_FILE = "params.safetensors"
+
+
+class InitFromError(ValueError):
+    """Weights that do not fit the configured model; the message names the parameter."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _strip_params_prefix(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Keys under "params/" without the prefix (other collections, e.g. batch_stats, are not
+    parameters); a file of bare parameter paths is returned as it is."""
+    if any(k.startswith("params/") for k in flat):
+        return {k[len("params/") :]: v for k, v in flat.items() if k.startswith("params/")}
+    return dict(flat)
+
+
+def _flatten_nested(tree: Any) -> dict[str, Any]:
+    return dict(flat_params(tree))
+
+
+def _read_file(path: str) -> dict[str, np.ndarray]:
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return _strip_params_prefix(load_file(path))
+    if path.endswith(".msgpack"):
+        from flax import serialization
+
+        with open(path, "rb") as f:
+            tree = serialization.msgpack_restore(f.read())
+        return _strip_params_prefix(_flatten_nested(tree))
+    raise InitFromError(f"init_from {path}: expected a .safetensors or .msgpack file")
+
+
+def _checkpoint_step_dir(path: str) -> tuple[str, int] | None:
+    """(checkpoints dir, step) for a workdir, a checkpoints dir or a step dir, else None."""
+    path = os.path.abspath(path)
+    base = os.path.basename(path)
+    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+        return os.path.dirname(path), int(base)
+    for ckpt_dir in (os.path.join(path, "checkpoints"), path):
+        if not os.path.isdir(ckpt_dir):
+            continue
+        steps = [
+            int(d)
+            for d in os.listdir(ckpt_dir)
+            if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, "state"))
+        ]
+        if steps:
+            return ckpt_dir, max(steps)
+    return None
+
+
+def _checkpoint_shapes(ckpt_dir: str, step: int) -> dict[str, tuple[int, ...]]:
+    """Parameter path -> shape from an orbax checkpoint's metadata (no array is read)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(os.path.join(ckpt_dir, str(step), "state"))
+    tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+    flat = _strip_params_prefix(_flatten_nested(tree))
+    return {k: tuple(getattr(v, "shape", ())) for k, v in flat.items()}
+
+
+def _checkpoint_read(ckpt_dir: str, step: int, wanted: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The `wanted` parameters (path -> ShapeDtypeStruct) from an orbax checkpoint, onto
+    one device, with a partial restore (the optimizer state is never read)."""
+    import orbax.checkpoint as ocp
+    from flax import traverse_util
+
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    item = {
+        ("params",) + tuple(k.split("/")): jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+        for k, v in wanted.items()
+    }
+    item = traverse_util.unflatten_dict(item)
+    args = ocp.args.PyTreeRestore(
+        item=item,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True,
+    )
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(os.path.join(ckpt_dir, str(step), "state"), args=args)
+    restored = jax.device_get(restored)
+    return {k: np.asarray(v) for k, v in _flatten_nested(restored["params"]).items()}
+
+
+def _verify_export(directory: str) -> None:
+    """Checks an export's manifest (sha256 of every file) when the export module has it."""
+    if not os.path.exists(os.path.join(directory, "manifest.json")):
+        return
+    try:
+        from mmssl_jax.export import verify_export
+    except ImportError:  # the export module is optional here
+        return
+    verify_export(directory)
+
+
+class _Source:
+    """Shapes first (to check before reading), then values, of one weights location."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._values: dict[str, np.ndarray] | None = None
+        self._ckpt: tuple[str, int] | None = None
+        if os.path.isfile(path):
+            self._values = _read_file(path)
+        elif os.path.isfile(os.path.join(path, PARAMS_FILE)):
+            _verify_export(path)
+            self._values = _read_file(os.path.join(path, PARAMS_FILE))
+        else:
+            self._ckpt = _checkpoint_step_dir(path) if os.path.isdir(path) else None
+            if self._ckpt is None:
+                raise InitFromError(
+                    f"init_from {path}: not an export (no {PARAMS_FILE}), a .safetensors / "
+                    ".msgpack file, or a workdir with checkpoints"
+                )
+        self.where = f"{self._ckpt[0]}/{self._ckpt[1]}" if self._ckpt else os.path.abspath(path)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        if self._values is not None:
+            return {k: tuple(np.shape(v)) for k, v in self._values.items()}
+        return _checkpoint_shapes(*self._ckpt)
+
+    def read(self, wanted: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        if self._values is not None:
+            return {k: self._values[k] for k in wanted}
+        return _checkpoint_read(*self._ckpt, wanted)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_init_params(path: str, params: Any, skip: Sequence[str] = ()) -> Any:
+    """`params` (a pytree of arrays or ShapeDtypeStructs) with every parameter replaced by
+    the one stored at `path`, cast to the model's dtype; parameters matching a `skip` regex
+    (fullmatch on the '/'-joined path) keep their value from `params`.
+
+    Raises InitFromError naming the first model parameter (in tree order) that the file
+    lacks or stores with another shape.
+    """
+    source = _Source(path)
+    stored = source.shapes()
+    model = flat_params(params)
+    skipped = [p for p, _ in model if any(re.fullmatch(s, p) for s in skip)]
+    wanted: dict[str, Any] = {}
+    for p, leaf in model:
+        if p in skipped:
+            continue
+        if p not in stored:
+            near = [k for k in stored if k.rsplit("/", 1)[-1] == p.rsplit("/", 1)[-1]][:3]
+            raise InitFromError(
+                f"init_from {source.where}: parameter {p!r} {tuple(np.shape(leaf))} is not in "
+                f"it ({len(stored)} stored parameters; similar: {near or 'none'}). Add a regex "
+                "to init_from.skip to keep it at its initialisation."
+            )
+        if tuple(stored[p]) != tuple(np.shape(leaf)):
+            raise InitFromError(
+                f"init_from {source.where}: parameter {p!r} has shape {tuple(stored[p])} "
+                f"there but {tuple(np.shape(leaf))} in the model (another model size?)"
+            )
+        wanted[p] = jax.ShapeDtypeStruct(tuple(np.shape(leaf)), np.dtype(leaf.dtype))
+    values = source.read(wanted)
+    unused = sorted(set(stored) - {p for p, _ in model})
+    logging.info(
+        "init_from %s: loaded %d parameters, kept %d at initialisation (skip), ignored %d "
+        "the model lacks%s",
+        source.where,
+        len(wanted),
+        len(skipped),
+        len(unused),
+        f" (e.g. {unused[:3]})" if unused else "",
+    )
+
+    def pick(keypath: Any, leaf: Any) -> Any:
+        p = path_of(keypath)
+        if p in wanted:
+            return np.asarray(values[p], dtype=wanted[p].dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(pick, params)
+
+
+def maybe_init_from(state: Any, config: Any, state_sharding: Any) -> Any:
+    """The Trainer's fresh `state` with parameters from `config.init_from.path` (when set),
+    placed on `state_sharding`; the EMA copy (MoCo v3) restarts from them too. The optimizer
+    state is untouched: Adam's moments start at zero whatever the parameters are."""
+    cfg = config.get("init_from") if hasattr(config, "get") else None
+    if not cfg or not cfg.get("path"):
+        return state
+    host = jax.device_get(state.params)
+    params = load_init_params(cfg["path"], host, tuple(cfg.get("skip", ()) or ()))
+    updates = {"params": jax.device_put(params, state_sharding.params)}
+    if getattr(state, "ema_params", None) is not None:
+        from mmssl_jax import momentum
+
+        updates["ema_params"] = jax.device_put(momentum.init_ema(params), state_sharding.ema_params)
+    return state.replace(**updates)
+
+
+# ----------------------------------------------------------------------------- WiSE-FT
+
+
+def interpolate(zero_shot: Any, fine_tuned: Any, alpha: float) -> Any:
+    """(1 - alpha) * zero_shot + alpha * fine_tuned, leaf by leaf (same tree structure);
+    alpha 0 gives the zero-shot weights, 1 the fine-tuned ones, exactly."""
+    if not 0.0 <= alpha <= 1.0:
+        logging.warning("WiSE-FT alpha %s is outside [0, 1]: extrapolating", alpha)
+
+    def mix(a: Any, b: Any) -> Any:
+        if alpha == 0.0:
+            return a
+        if alpha == 1.0:
+            return b
+        a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        return ((1.0 - alpha) * a32 + alpha * b32).astype(np.asarray(b).dtype)
+
+    return jax.tree.map(mix, jax.device_get(zero_shot), jax.device_get(fine_tuned))
+
+
+def wise_ft(
+    config: Any,
+    fine_tuned_workdir: str,
+    output_workdir: str,
+    alpha: float,
+    zero_shot: str | None = None,
+) -> str:
+    """Writes `output_workdir` holding the fine-tuned run's latest state with parameters
+    interpolated towards `zero_shot` (default: `config.init_from.path`, where fine-tuning
+    started). Parameters in `init_from.skip` have no zero-shot value and stay fine-tuned."""
+    from mmssl_jax.checkpoint import Checkpointer
+    from mmssl_jax.train import Trainer
+
+    zero_shot = zero_shot or config.init_from.path
+    if not zero_shot:
+        raise InitFromError("wise_ft: no zero-shot weights (set init_from.path or --zero_shot)")
+    trainer = Trainer(config, fine_tuned_workdir)
+    source = Checkpointer(fine_tuned_workdir)
+    try:
+        step = source.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {fine_tuned_workdir}; fine-tune first")
+        state = source.restore(trainer.abstract_state(), None, step)
+    finally:
+        source.close()
+    fine = jax.device_get(state.params)
+    start = load_init_params(zero_shot, fine, tuple(config.init_from.get("skip", ()) or ()))
+    mixed = interpolate(start, fine, alpha)
+    state = state.replace(params=jax.device_put(mixed, trainer.state_sharding.params))
+    os.makedirs(output_workdir, exist_ok=True)
+    out = Checkpointer(output_workdir, async_save=False)
+    try:
+        out.save(step, state, None, force=True)
+        out.wait()
+    finally:
+        out.close()
+    with open(os.path.join(output_workdir, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=2, default=str)
+    with open(os.path.join(output_workdir, "wise_ft.json"), "w") as f:
+        json.dump(
+            dict(alpha=alpha, zero_shot=zero_shot, fine_tuned=fine_tuned_workdir, step=step), f
+        )
+    logging.info("WiSE-FT alpha=%s: wrote %s/checkpoints/%d", alpha, output_workdir, step)
+    return output_workdir
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    from absl import flags
+
+    f = flags.FLAGS
+    wise_ft(f.config, f.workdir, f.output, f.alpha, f.zero_shot or None)
+    print(f"wrote {f.output} (alpha={f.alpha}); evaluate with --mode=eval --workdir={f.output}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "The fine-tuning config (configs/NAME.py).")
+    flags.DEFINE_string("workdir", None, "The fine-tuning run's workdir.")
+    flags.DEFINE_string("output", None, "Workdir to write the interpolated checkpoint to.")
+    flags.DEFINE_float("alpha", 0.5, "0: zero-shot (start) weights, 1: fine-tuned weights.")
+    flags.DEFINE_string("zero_shot", "", "Start weights (default: config.init_from.path).")
+    flags.mark_flags_as_required(["config", "workdir", "output"])
+    app.run(main)
