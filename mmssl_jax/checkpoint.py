@@ -2,7 +2,9 @@
 
 Layout: `workdir/checkpoints/<step>/{state, data_iter}`. orbax writes each step to a temporary
 directory and renames it on commit, so a crash mid-write never leaves a step that restore
-would pick up. Saves are async: training continues while arrays are written.
+would pick up. Saves are async: training continues while arrays are written, and a write that
+fails (disk full, permissions) surfaces at the next save, wait or close as a
+`CheckpointWriteError` naming the step, the cause and the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +22,23 @@ from absl import logging
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose parameter tree does not fit the configured model."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions, ...); earlier ones are intact."""
+
+    def __init__(self, step: int, directory: str, latest: int | None, cause: BaseException):
+        kept = (
+            f"The latest complete checkpoint, step {latest}, is intact: free space (or fix the "
+            "directory) and rerun the same command to resume from it."
+            if latest is not None
+            else "There is no complete checkpoint yet."
+        )
+        super().__init__(
+            f"checkpoint step {step} could not be written to {directory}: "
+            f"{type(cause).__name__}: {cause}. {kept}"
+        )
+        self.step, self.directory, self.latest = step, directory, latest
 
 
 class Checkpointer:
@@ -50,6 +69,8 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._writing: int | None = None  # step of the save that may still be in flight
+        self._failed = False  # a write error was already raised to the caller
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -65,9 +86,15 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-        return self.manager.save(
-            step, args=ocp.args.Composite(**items), metrics=metrics, force=force
+        saved = self._reporting_write_errors(
+            lambda: self.manager.save(
+                step, args=ocp.args.Composite(**items), metrics=metrics, force=force
+            ),
+            step,
         )
+        if saved:
+            self._writing = step
+        return saved
 
     def restore(
         self, abstract_state: Any, data_iter: grain.DatasetIterator | None, step: int | None = None
@@ -87,11 +114,40 @@ class Checkpointer:
         return restored.state
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._reporting_write_errors(self.manager.wait_until_finished)
+        self._writing = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the last save and releases the manager. A write error already raised
+        (e.g. while the caller unwinds from it) is not raised a second time."""
+        reported = self._failed
+        try:
+            self.wait()
+        except Exception as e:
+            if not reported:
+                raise
+            logging.warning("checkpoint manager after the reported write error: %s", e)
+        finally:
+            try:
+                self.manager.close()
+            except Exception as e:
+                if not self._failed:
+                    raise
+                logging.warning("closing the checkpoint manager after a write error: %s", e)
+
+    def _reporting_write_errors(self, fn: Any, step: int | None = None) -> Any:
+        """Runs `fn`; an error of an async write (or of this one) becomes a
+        CheckpointWriteError naming the failed step and the latest complete checkpoint."""
+        try:
+            return fn()
+        except (OSError, ValueError, RuntimeError) as e:
+            if self._failed:
+                raise
+            failed = self._writing if self._writing is not None else step
+            self._writing, self._failed = None, True
+            steps = ocp.utils.checkpoint_steps(self.directory)  # committed ones only
+            latest = max((s for s in steps if s != failed), default=None)
+            raise CheckpointWriteError(failed, self.directory, latest, e) from e
 
 
 def first_mismatch(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> str:
