@@ -176,6 +176,7 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
             context_length=32 if tiny else 77,
             dtype="float32",
             remat=False,
+            attention_impl="",  # "": XLA's choice; "cudnn": fused kernel (NVIDIA GPU, bf16)
         )
     )
     config.objectives = list(r["objectives"])

@@ -428,3 +428,21 @@ def test_build_model_resnet_and_errors():
         registry.build_model(tiny_model_cfg(image_encoder="nope"))
     with pytest.raises(ValueError, match="vocab_size"):
         registry.build_model(tiny_model_cfg(vocab_size=-1))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_attention_equals_unpadded(causal):
+    """The cuDNN path pads 197 tokens to 256 and masks: same outputs and gradients."""
+    from mmssl_jax.models.vit import attention
+
+    q, k, v = (jax.random.normal(key, (2, 197, 3, 16)) for key in jax.random.split(KEY, 3))
+
+    def loss(q, pad_to):
+        return (attention(q, k, v, causal=causal, pad_to=pad_to) ** 2).sum()
+
+    np.testing.assert_allclose(
+        attention(q, k, v, causal=causal, pad_to=64),
+        attention(q, k, v, causal=causal),
+        atol=2e-6,
+    )
+    np.testing.assert_allclose(jax.grad(loss)(q, 64), jax.grad(loss)(q, None), rtol=1e-4, atol=1e-5)

@@ -12,8 +12,10 @@ shift || true
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
 fi
-python -c "import jax; print('jax', jax.__version__, jax.devices())"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+# The interpreter that has both JAX and PyTorch (`python3` on images that lack `python`).
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+"$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 start=$(date +%s)
-timeout 290 python tools/benchmarks/gpu.py --out "$OUT" "$@"
+timeout "${GPU_CHECK_TIMEOUT:-290}" "$PY" tools/benchmarks/gpu.py --out "$OUT" "$@"
 echo "wrote $OUT in $(( $(date +%s) - start )) s"

@@ -87,6 +87,8 @@ def build_model(cfg: Any) -> MultimodalModel:
       ssl_head (mapping | None, default None): `SimCLRHead` fields, e.g. hidden/out/norm.
       dtype (str, default "float32"): compute dtype everywhere; params stay float32.
       remat (bool, default False): rematerialise transformer blocks (ViT and text).
+      attention_impl (str | None): `jax.nn.dot_product_attention`'s implementation for both
+        towers; "cudnn" is the fused kernel on NVIDIA GPUs (bf16), None lets XLA choose.
       image_size, context_length (int, optional): shortcuts, passed to the encoders that have
         that field (ViT `image_size`, text `context_length`); absent or None keeps the table's.
       image_overrides / text_overrides (mapping, default {}): any encoder fields to replace,
@@ -100,6 +102,7 @@ def build_model(cfg: Any) -> MultimodalModel:
         "remat": bool(cfg.get("remat", False)) or None,
         "image_size": cfg.get("image_size"),
         "context_length": cfg.get("context_length"),
+        "attention_impl": cfg.get("attention_impl") or None,
     }
 
     def encoder_kwargs(cls: type[nn.Module], overrides_key: str) -> dict[str, Any]:

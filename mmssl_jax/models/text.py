@@ -49,6 +49,7 @@ class TextTransformer(nn.Module):
     remat: bool = False
     pool: str = "eos"
     act: str = "quick_gelu"
+    attention_impl: str | None = None  # None (XLA) | "cudnn" (fused, GPU bf16)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -92,6 +93,7 @@ class TextTransformer(nn.Module):
                 proj_init=nn.initializers.normal(proj_std),
                 fc1_init=nn.initializers.normal(fc_std),
                 fc2_init=nn.initializers.normal(proj_std),
+                attention_impl=self.attention_impl,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"resblocks_{i}",

@@ -7,7 +7,9 @@ weights are normal std 0.02 with zero biases, position embeddings std 0.02 and t
 class token std 1e-6 (timm). Parameter names are timm's, so converting weights is a rename.
 
 Parameters are stored in `param_dtype` (float32); `dtype` is the compute dtype (e.g. bfloat16).
-Attention uses `jax.nn.dot_product_attention`, whose softmax always runs in float32.
+Attention uses `jax.nn.dot_product_attention`, whose softmax always runs in float32;
+`attention_impl="cudnn"` selects cuDNN's fused (flash) kernel on NVIDIA GPUs with bf16/fp16
+compute, which never stores the [heads, T, T] probabilities (None: XLA's choice).
 """
 
 from __future__ import annotations
@@ -51,6 +53,45 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    implementation: str | None = None,
+    pad_to: int | None = None,
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` over [B, T, heads, head_dim].
+
+    cuDNN's fused kernel takes only some sequence lengths (ViT-B/16's 197 tokens are refused),
+    so for `implementation="cudnn"` the tokens are zero-padded to a multiple of `pad_to`
+    (default 64), the padded keys masked out by `key_value_seq_lengths`, and the padded
+    queries dropped: the result equals unpadded attention.
+    """
+    if pad_to is None:
+        pad_to = 64 if implementation == "cudnn" else 1
+    batch, length = q.shape[:2]
+    extra = -length % pad_to
+    if not extra:
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation=implementation
+        )
+    widths = ((0, 0), (0, extra), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+    lengths = jnp.full((batch,), length, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        is_causal=causal,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )
+    return out[:, :length]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (`qkv`) and an output `proj`.
 
@@ -63,6 +104,7 @@ class Attention(nn.Module):
     causal: bool = False
     qkv_init: Initializer = TIMM_NORMAL
     proj_init: Initializer = TIMM_NORMAL
+    attention_impl: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -80,7 +122,7 @@ class Attention(nn.Module):
             name="qkv",
         )(x)
         q, k, v = jnp.split(qkv.reshape(batch, length, 3 * self.heads, head_dim), 3, axis=2)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        out = attention(q, k, v, causal=self.causal, implementation=self.attention_impl)
         return nn.Dense(
             self.width,
             kernel_init=self.proj_init,
@@ -123,6 +165,7 @@ class Block(nn.Module):
     proj_init: Initializer = TIMM_NORMAL
     fc1_init: Initializer = TIMM_NORMAL
     fc2_init: Initializer = TIMM_NORMAL
+    attention_impl: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -137,6 +180,7 @@ class Block(nn.Module):
             causal=self.causal,
             qkv_init=self.qkv_init,
             proj_init=self.proj_init,
+            attention_impl=self.attention_impl,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="attn",
@@ -179,6 +223,7 @@ class VisionTransformer(nn.Module):
     patch_bias: bool = True
     ln_eps: float = 1e-6
     act: str = "gelu"
+    attention_impl: str | None = None  # None (XLA) | "cudnn" (fused, GPU bf16)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -226,6 +271,7 @@ class VisionTransformer(nn.Module):
                 mlp_ratio=self.mlp_ratio,
                 ln_eps=self.ln_eps,
                 act=activation(self.act),
+                attention_impl=self.attention_impl,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"blocks_{i}",

@@ -356,7 +356,7 @@ def torch_slip_loss(outputs, temperature: float, ssl_scale: float):
     image_embed, text_embed, q_a, q_b, scale = outputs
     image_embed, text_embed = F.normalize(image_embed, dim=-1), F.normalize(text_embed, dim=-1)
     n = image_embed.shape[0]
-    labels = torch.arange(n)
+    labels = torch.arange(n, device=image_embed.device)
     logits = scale * image_embed @ text_embed.t()
     clip = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
     q_a, q_b = F.normalize(q_a, dim=-1), F.normalize(q_b, dim=-1)
