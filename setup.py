@@ -32,6 +32,8 @@ INSTALL_REQUIRES = [
     "flatbuffers>=24.3,<27",
     # google-crc32c: C CRC-32C for TFRecord framing (pure Python would dominate read time).
     "google-crc32c>=1.5,<2",
+    # regex: \p{L} / \p{N} classes of CLIP's BPE pre-tokenizer (input_pipeline/clip_bpe.py).
+    "regex>=2026.5,<2028",
 ]
 
 EXTRAS = {
@@ -44,6 +46,9 @@ EXTRAS = {
         "nbclient>=0.10,<1",
         "nbformat>=5.10,<6",
         "ipykernel>=6.29,<8",
+        # ftfy: open_clip's reference tokenizer needs it (tests/test_clip_bpe.py); clip_bpe
+        # uses it too when present, as CLIP does.
+        "ftfy>=6.3,<7",
     ],
     # The PyTorch reference for benchmarks and the weight-import parity tests (CPU build).
     "torch": ["torch>=2.9,<2.14"],

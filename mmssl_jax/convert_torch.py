@@ -25,8 +25,10 @@ Mapping: a torch Linear `weight [out, in]` is a flax Dense `kernel [in, out]`; c
 (applied to every token before pooling: LayerNorm is per token, so the same); `proj` /
 `image_projection` / `text_projection` are `[in, out]` already (used as `x @ proj`).
 CLIP pools the text at `argmax(tokens)` (EOT has the highest BPE id): the text tower is built
-with `pool="argmax"`. Head counts are not stored in a state dict: width // 64 (CLIP, timm
-B/L), 12 for SLIP's ViT-S (384 wide); override them when a model differs.
+with `pool="argmax"`, and texts are tokenized with CLIP's BPE (`input_pipeline.clip_bpe`, from
+the merges file the user passes as `bpe`). Head counts are not stored in a state dict:
+width // 64 (CLIP, timm B/L), 12 for SLIP's ViT-S (384 wide); override them when a model
+differs.
 """
 
 from __future__ import annotations
@@ -446,28 +448,37 @@ def convert_to_export(
     arch: str = "auto",
     vision_heads: int | None = None,
     text_heads: int | None = None,
+    bpe: str | None = None,
     stablehlo: bool = True,
     overwrite: bool = False,
 ) -> str:
     """Converts a PyTorch checkpoint into an export directory `load_pretrained` reads.
 
-    The export has no tokenizer.model: the text tower expects CLIP's BPE ids (this codebase
-    has only sentencepiece), so texts go in as ids through `encode_tokens`; images need
-    nothing (the export's preprocess.json has CLIP's or SLIP's resize and statistics). The
-    params in the export are this codebase's tree, ready to fine-tune from.
+    The text tower expects CLIP's BPE ids: with `bpe` (CLIP's `bpe_simple_vocab_16e6.txt.gz`,
+    which ships with CLIP, open_clip and SLIP) the merges file is copied into the export and
+    `encode_texts` / `zero_shot_classifier` tokenize with it; without it texts go in as ids
+    through `encode_tokens`. Images need nothing (the export's preprocess.json has CLIP's or
+    SLIP's resize and statistics). The params in the export are this codebase's tree, ready
+    to fine-tune from.
     """
+    from input_pipeline.clip_bpe import ClipBpeTokenizer
     from mmssl_jax.export import write_export
 
+    merges = ClipBpeTokenizer(bpe).merges_data if bpe else None  # fails before converting
     state = load_state_dict(path)
     resolved = detect_arch(state) if arch == "auto" else arch
     cfg, variables, spec = convert_state_dict(state, resolved, vision_heads, text_heads)
+    source = {"torch_checkpoint": os.path.abspath(path), "arch": resolved}
+    if bpe:
+        source["bpe_merges"] = os.path.abspath(bpe)
     return write_export(
         output,
         model_cfg=cfg,
         variables=variables,
         preprocess=spec,
         text_length=cfg.get("context_length"),
-        source={"torch_checkpoint": os.path.abspath(path), "arch": resolved},
+        bpe_merges=merges,
+        source=source,
         stablehlo=stablehlo,
         overwrite=overwrite,
     )

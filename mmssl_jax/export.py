@@ -1,7 +1,7 @@
 """Export a trained model to a self-describing directory, and load it back (`load_pretrained`).
 
-An export directory holds only data (JSON, safetensors, a sentencepiece proto, serialized
-StableHLO); loading never unpickles or executes anything from it:
+An export directory holds only data (JSON, safetensors, a sentencepiece proto or CLIP's BPE
+merges text, serialized StableHLO); loading never unpickles or executes anything from it:
 
     manifest.json        format, version, and the sha256 and size of every other file
     model.json           model config (`registry.build_model`), logit scale/bias, text length
@@ -9,6 +9,8 @@ StableHLO); loading never unpickles or executes anything from it:
     params.safetensors   every variable, '/'-joined keys: "params/image_encoder/cls_token",
                          "batch_stats/ssl_head/norm0/mean", ...
     tokenizer.model      the sentencepiece model (absent without a text tower or tokenizer)
+    bpe_merges.txt[.gz]  or, for converted CLIP / open_clip / SLIP weights, CLIP's BPE merges
+                         file as given (`input_pipeline.clip_bpe`; the text tower pools at argmax)
     encode_images.jax    jax.export: (params, uint8 [b, S, S, 3]) -> float32 [b, D], L2-normed
     encode_texts.jax     jax.export: (params, int32 [b, L]) -> float32 [b, D], L2-normed
 
@@ -51,6 +53,7 @@ MODEL = "model.json"
 PREPROCESS = "preprocess.json"
 PARAMS = "params.safetensors"
 TOKENIZER = "tokenizer.model"
+BPE_MERGES = ("bpe_merges.txt.gz", "bpe_merges.txt")  # CLIP's merges file, gzipped or not
 IMAGE_ARTIFACT = "encode_images.jax"
 TEXT_ARTIFACT = "encode_texts.jax"
 REQUIRED = (MODEL, PREPROCESS, PARAMS)
@@ -125,6 +128,33 @@ def check_variables(
                 f"{where}: parameter {key} has dtype {np.dtype(have.dtype)}, expected "
                 f"{np.dtype(want.dtype)}"
             )
+
+
+def _bpe_tokenizer(data: bytes, where: str) -> Any:
+    from input_pipeline.clip_bpe import ClipBpeTokenizer
+
+    try:
+        return ClipBpeTokenizer.from_bytes(data)
+    except ValueError as e:
+        raise ExportError(f"{where}: {e}") from e
+
+
+def check_bpe_model(model: Any, tokenizer: Any, where: str) -> None:
+    """CLIP's BPE ids need a text tower that pools at argmax (id 0 is "!", not only padding)
+    and whose embedding table holds every id; raises ExportError otherwise."""
+    text = model.text_encoder
+    if text is None:
+        raise ExportError(f"{where}: the model has no text tower to tokenize for")
+    if getattr(text, "pool", None) != "argmax":
+        raise ExportError(
+            f"{where}: CLIP's BPE ids need a text tower with pool='argmax', this one pools "
+            f"with {getattr(text, 'pool', None)!r}"
+        )
+    if tokenizer.vocab_size > text.vocab_size:
+        raise ExportError(
+            f"{where}: the BPE vocabulary ({tokenizer.vocab_size} ids) exceeds the text "
+            f"tower's embedding ({text.vocab_size} rows)"
+        )
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -292,6 +322,7 @@ def write_export(
     preprocess: Mapping[str, Any],
     text_length: int | None = None,
     tokenizer_proto: bytes | None = None,
+    bpe_merges: bytes | None = None,
     source: Mapping[str, Any] | None = None,
     stablehlo: bool = True,
     platforms: Sequence[str] = PLATFORMS,
@@ -300,7 +331,9 @@ def write_export(
     """Writes an export directory (see the module docstring); returns its path.
 
     `variables` is `{"params": ..., "batch_stats": ...}` of `build_model(model_cfg)`; it is
-    checked against the shapes the config builds before anything is written. The directory is
+    checked against the shapes the config builds before anything is written. The tokenizer is
+    a sentencepiece proto (`tokenizer_proto`) or CLIP's BPE merges file (`bpe_merges`, stored
+    as given), at most one. The directory is
     assembled next to `output` and renamed into place, so a failed export leaves no half-
     written directory; an existing export is replaced only with `overwrite=True`.
     """
@@ -313,6 +346,12 @@ def write_export(
     if model.text_encoder is not None and not text_length:
         raise ValueError("a model with a text encoder needs text_length")
     text_length = int(text_length) if model.text_encoder is not None else None
+    if tokenizer_proto is not None and bpe_merges is not None:
+        raise ValueError("give a sentencepiece tokenizer_proto or bpe_merges, not both")
+    bpe_name = None
+    if bpe_merges is not None:
+        check_bpe_model(model, _bpe_tokenizer(bpe_merges, "bpe_merges"), "bpe_merges")
+        bpe_name = BPE_MERGES[0] if bpe_merges[:2] == b"\x1f\x8b" else BPE_MERGES[1]
     size = int(preprocess["image_size"])
     flat = flatten_variables(variables)
     check_variables(flat, expected_shapes(model, size, text_length), where="variables")
@@ -330,7 +369,10 @@ def write_export(
         "logit_scale": math.exp(min(log_scale, math.log(model.max_logit_scale))),
         "logit_bias": float(bias) if bias is not None else None,
         "has_text": model.text_encoder is not None,
-        "has_tokenizer": tokenizer_proto is not None,
+        "has_tokenizer": tokenizer_proto is not None or bpe_merges is not None,
+        "tokenizer": (
+            "sentencepiece" if tokenizer_proto is not None else "clip_bpe" if bpe_name else None
+        ),
         "source": _plain(dict(source or {})),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "jax_version": jax.__version__,
@@ -352,6 +394,9 @@ def write_export(
         if tokenizer_proto is not None:
             with open(os.path.join(tmp, TOKENIZER), "wb") as f:
                 f.write(tokenizer_proto)
+        if bpe_name is not None:
+            with open(os.path.join(tmp, bpe_name), "wb") as f:
+                f.write(bpe_merges)
         if stablehlo:
             image_fn = image_embed_fn(model, preprocess)
             blob, info = export_stablehlo(image_fn, flat, (size, size, 3), np.uint8, platforms)
@@ -679,7 +724,8 @@ class PretrainedModel:
             raise ValueError("this export has no text encoder")
         if self.tokenizer is None:
             raise ValueError(
-                "this export has no tokenizer.model; tokenize yourself and call encode_tokens"
+                "this export has no tokenizer.model (nor CLIP BPE merges: convert with "
+                "--bpe=FILE); tokenize yourself and call encode_tokens"
             )
         return self.encode_tokens(self.tokenizer.encode(list(texts), self.text_length), batch_size)
 
@@ -734,12 +780,20 @@ def load_pretrained(path: str, *, batch_size: int = 256) -> PretrainedModel:
     expected = expected_shapes(model, int(preprocess["image_size"]), text_length)
     check_variables(flat, expected, where=f"{path}/{PARAMS}")
     tokenizer = None
-    if model.text_encoder is not None and TOKENIZER in manifest["files"]:
+    found = [name for name in (TOKENIZER, *BPE_MERGES) if name in manifest["files"]]
+    if len(found) > 1:
+        raise ExportError(f"{path}: more than one tokenizer file ({', '.join(found)})")
+    if model.text_encoder is not None and found == [TOKENIZER]:
         with open(os.path.join(path, TOKENIZER), "rb") as f:
             try:
                 tokenizer = Tokenizer.from_bytes(f.read())
             except ValueError as e:
                 raise ExportError(f"{path}/{TOKENIZER}: {e}") from e
+    elif model.text_encoder is not None and found:
+        where = f"{path}/{found[0]}"
+        with open(where, "rb") as f:
+            tokenizer = _bpe_tokenizer(f.read(), where)
+        check_bpe_model(model, tokenizer, where)
     return PretrainedModel(
         model, unflatten_variables(flat), config, preprocess, tokenizer, batch_size
     )

@@ -9,6 +9,9 @@ You bring the file; nothing is downloaded. `--arch=auto` tells SLIP (timm `visua
 CLIP-layout (`visual.conv1`) state dicts and takes the latter as OpenAI's (QuickGELU); pass
 `--arch=open_clip` for open_clip's own GELU models. Head counts are not in a state dict
 (default width // 64, 12 for SLIP's ViT-S): set --vision_heads / --text_heads otherwise.
+`--bpe=bpe_simple_vocab_16e6.txt.gz` (CLIP's BPE merges, shipped with CLIP, open_clip and
+SLIP) is copied into the export so that `encode_texts` / `zero_shot_classifier` tokenize as
+CLIP does; without it, texts go in as token ids (`encode_tokens`).
 The output loads with `mmssl_jax.load_pretrained(OUT)`; its params.safetensors is this
 codebase's parameter tree (mapping in mmssl_jax/convert_torch.py).
 """
@@ -31,6 +34,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", default="auto", choices=["auto", "openai", "open_clip", "slip"])
     p.add_argument("--vision_heads", type=int, default=None)
     p.add_argument("--text_heads", type=int, default=None)
+    p.add_argument("--bpe", default=None, help="CLIP's BPE merges (bpe_simple_vocab_16e6.txt.gz)")
     p.add_argument("--no_stablehlo", action="store_true", help="skip the jax.export artifacts")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
     return p.parse_args(argv)
@@ -46,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         arch=args.arch,
         vision_heads=args.vision_heads,
         text_heads=args.text_heads,
+        bpe=args.bpe,
         stablehlo=not args.no_stablehlo,
         overwrite=args.overwrite,
     )

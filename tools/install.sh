@@ -15,3 +15,11 @@ fi
 # pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0" || python -m pip install -q "torch>=2.9,<2.14"
 python -m pip install -q -e ".[dev,torch,topics]"
+# open_clip's wheel holds CLIP's BPE merges and open_clip's tokenizer, the reference that
+# tests/test_clip_bpe.py reads from the zip (never installed: it would pull torchvision).
+# Fetched once; offline the test skips.
+OPEN_CLIP_CACHE="${MMSSL_OPEN_CLIP_CACHE:-$HOME/.cache/mmssl_jax/open_clip}"
+if ! ls "$OPEN_CLIP_CACHE"/open_clip_torch-*.whl >/dev/null 2>&1; then
+  python -m pip download -q --no-deps "open_clip_torch==3.3.0" -d "$OPEN_CLIP_CACHE" \
+    || echo "warning: could not fetch open_clip_torch; tests/test_clip_bpe.py will skip" >&2
+fi
