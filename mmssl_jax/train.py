@@ -514,6 +514,8 @@ class Trainer:
                 bar.update(1)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == self.total_steps:
+                    # Steps are dispatched asynchronously: wait for this one before timing.
+                    jax.block_until_ready(metrics)
                     rate = (done - n0) * cfg.batch_size / (time.perf_counter() - t0)
                     last = self._flush(pending, writer, rate)
                     t0, n0 = time.perf_counter(), done
