@@ -2,16 +2,15 @@
 its use by exports of converted weights (`convert_torch --bpe`, `load_pretrained`).
 
 The merges file and the reference `open_clip/tokenizer.py` are read from the open_clip_torch
-wheel that tools/install.sh downloads into the cache (the wheel is never installed: it would
-pull torchvision). The reference is loaded as a standalone module by file path.
+wheel that tools/install.sh downloads into the cache (tests/open_clip_wheel.py; the wheel is
+never installed: it would pull torchvision). The reference is loaded as a standalone module by
+file path.
 """
 
 import gzip
 import hashlib
 import importlib.util
 import json
-import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +18,8 @@ import pytest
 
 from input_pipeline import clip_bpe
 from input_pipeline.clip_bpe import ClipBpeTokenizer
+from tests.open_clip_wheel import MERGES, extract
 
-CACHE = Path(
-    os.environ.get("MMSSL_OPEN_CLIP_CACHE", Path.home() / ".cache" / "mmssl_jax" / "open_clip")
-)
-MERGES = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 SOT, EOT = 49406, 49407
 
 TEXTS = [
@@ -49,17 +45,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def wheel_dir(tmp_path_factory) -> Path:
     """open_clip's tokenizer.py and merges file, extracted from the cached wheel."""
-    wheels = sorted(CACHE.glob("open_clip_torch-*.whl"))
-    if not wheels:
-        pytest.skip(
-            f"no open_clip_torch wheel in {CACHE} (tools/install.sh downloads it; offline "
-            "it cannot): CLIP's merges file and reference tokenizer come from it"
-        )
-    out = tmp_path_factory.mktemp("open_clip")
-    with zipfile.ZipFile(wheels[-1]) as z:
-        z.extract(MERGES, out)
-        z.extract("open_clip/tokenizer.py", out)
-    return out / "open_clip"
+    return extract(tmp_path_factory.mktemp("open_clip"), [MERGES, "open_clip/tokenizer.py"])
 
 
 @pytest.fixture(scope="module")
