@@ -33,7 +33,7 @@ matmuls, less the augmentation), so GFLOP/s are comparable. With `--breakdown`, 
 also timed for the forward, forward + backward, and (JAX) the augmentation alone (noisy on a
 busy machine). `--xla_options` times the JAX step again compiled with XLA:CPU options (e.g.
 xla_cpu_prefer_vector_width=512), alternating with the rest. The notes say where the time
-goes and why JAX is slower where it is (see `WHY_SLOWER_ON_CPU`).
+goes; the comment above `machine()` says why JAX is slower on CPU.
 """
 
 from __future__ import annotations
@@ -600,30 +600,18 @@ def explain(row: dict) -> list[str]:
             f"sustains {row['jax']['gflop_per_s']:.0f} GFLOP/s, PyTorch "
             f"{row['torch']['gflop_per_s']:.0f} GFLOP/s."
         )
-        notes.extend(WHY_SLOWER_ON_CPU)
     return notes
 
 
-# What profiling found (jax.profiler trace with --xla_cpu_enable_xprof_traceme, per-op time
-# attributed to model code through the HLO op_name metadata; torch.profiler for PyTorch), on
-# the 2-core Xeon (Sapphire Rapids, AVX-512) dev machine, JAX 0.10.2 / torch 2.13 CPU.
-WHY_SLOWER_ON_CPU = [
-    "Profile: matmuls are ~75% of both steps. XLA:CPU runs them through YNNPACK fusions "
-    "(forward, input gradients) and Eigen dots (weight gradients, which contract over the "
-    "batch*tokens dimension and get an explicit transpose copy first) at ~45-60 GFLOP/s on "
-    "one core inside the step, where PyTorch's oneDNN/MKL sgemm reaches ~85-110 GFLOP/s on "
-    "the same shapes; isolated matmuls are much closer (XLA 70-120, torch 80-115 GFLOP/s).",
-    "Profile: jax.nn.gelu(approximate=False) uses erfc, which XLA:CPU evaluates with exp and "
-    "selects (~3x PyTorch's erf GELU, forward and backward); jax.nn.dot_product_attention's "
-    "XLA path splits qkv and transposes activations around every attention einsum; the "
-    "non-finite guard (is_finite over the gradients, select over params and Adam moments) "
-    "costs ~4% of the ViT-S step; the device augmentation (not in PyTorch's step) ~1-2%.",
-    "Tried: XLA options xla_cpu_experimental_ynn_fusion_type=DOT,ELTWISE,REDUCE (0.70x, "
-    "slower), YNN fusions off (1.0x), xla_cpu_use_onednn / onednn_custom_call / use_xnnpack "
-    "(no change to the compiled HLO in this jaxlib), xla_cpu_prefer_vector_width=512 "
-    "(within noise). An erf GELU + head-major attention (same parameters and values to "
-    "1e-6; a patch to mmssl_jax/models/vit.py) speeds the JAX step up; see the report.",
-]
+# Why JAX is slower on CPU (a one-off profile, not measured by this tool: jax.profiler trace
+# with --xla_cpu_enable_xprof_traceme and torch.profiler, JAX 0.10.2 / torch 2.13, 2-core
+# Sapphire Rapids): matmuls are most of both steps; XLA:CPU runs the forward and input-gradient
+# matmuls as YNNPACK fusions and the weight gradients (contracting over batch x tokens) as Eigen
+# dots after an explicit transpose copy, well below oneDNN's sgemm on the same shapes inside
+# the step, though isolated matmuls are close. The exact (erfc) GELU and the qkv split and
+# transposes around the attention einsums add a few percent each; an erf GELU with head-major
+# attention measured ~5% faster on a ViT block. XLA:CPU flags tried (ynn fusion types, onednn,
+# xnnpack, vector width 512, fast math, the legacy runtime) did not help.
 
 
 def machine() -> dict:
