@@ -31,7 +31,7 @@ def encoders_for(trainer: Any, state: Any) -> tuple[ModelEncoder, Any]:
 
     blocks = any(e.get("layers") for e in cfg.evals.values()) if cfg.get("evals") else False
     make = lambda v: ModelEncoder(  # noqa: E731
-        trainer.model, v, tokenizer, text_length=length, with_blocks=blocks
+        trainer.model, v, tokenizer, text_length=length, with_blocks=blocks, mesh=trainer.mesh
     )
     return make(variables), random_encoder
 

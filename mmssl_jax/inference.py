@@ -32,10 +32,12 @@ class ModelEncoder:
         text_length: int = 77,
         batch_size: int = 256,
         with_blocks: bool = False,
+        mesh: Any = None,
     ):
         self.model, self.variables = model, variables
         self.tokenizer, self.text_length = tokenizer, text_length
         self.batch_size, self.with_blocks = batch_size, with_blocks
+        self.mesh = mesh  # the training mesh: evaluators that train (finetune) shard over it
         self.has_text = tokenizer is not None and model.text_encoder is not None
         self._images = jax.jit(self._image_fn)
         self._texts = jax.jit(self._text_fn)

@@ -24,6 +24,7 @@ from mmssl_jax.evaluation.encoder import Encoder, RawPixelEncoder, has_text
 RAW_PIXELS, RANDOM_INIT = "raw_pixels", "random_init"
 KINDS = (RAW_PIXELS, RANDOM_INIT)
 TEXT_TYPES = frozenset({"zero_shot", "retrieval"})  # evaluations that need a text tower
+MODEL_TYPES = frozenset({"finetune"})  # evaluations that train the tower: no raw pixels
 
 EncoderOrFactory = Encoder | Callable[[], Encoder]
 
@@ -34,7 +35,10 @@ PRESENTATION_KEYS = frozenset({"plots", "tsne", "tsne_points", "batch_size", "ba
 
 def fingerprint(cfg: Mapping) -> str:
     """A short stable hash of what an evaluation's numbers depend on (its cache key)."""
-    kept = {k: v for k, v in dict(cfg).items() if k not in PRESENTATION_KEYS}
+    skip = PRESENTATION_KEYS
+    if cfg.get("type") in MODEL_TYPES:  # fine-tuning's batch size changes what it learns
+        skip = PRESENTATION_KEYS - {"batch_size"}
+    kept = {k: v for k, v in dict(cfg).items() if k not in skip}
     text = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -48,7 +52,7 @@ def resolve(encoder: EncoderOrFactory | None) -> Encoder | None:
 
 def applies(kind: str, eval_type: str, encoder: Encoder | None) -> bool:
     """Whether baseline `kind` can run evaluation `eval_type` with `encoder`."""
-    if encoder is None:
+    if encoder is None or (kind == RAW_PIXELS and eval_type in MODEL_TYPES):
         return False
     return eval_type not in TEXT_TYPES or has_text(encoder)
 

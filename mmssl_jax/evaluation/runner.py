@@ -5,7 +5,8 @@ every `eval_every` steps and in `--mode=eval`. `config.evals` maps a name (the p
 metrics) to a ConfigDict:
 
     common keys (every type)
-      type            "zero_shot" | "linear_probe" | "knn" | "retrieval" | "svm_map"
+      type            "zero_shot" | "linear_probe" | "knn" | "retrieval" | "svm_map" |
+                      "finetune"
       image_size      int, eval resolution (resize short side, centre crop); default 224
       resize_size     int | None, short side before the crop (None: image_size)
       limit           int | None, use the first `limit` records of each shard set
@@ -35,6 +36,11 @@ metrics) to a ConfigDict:
     svm_map        train_shards, test_shards, train_limit / test_limit, layers, Cs
                    (SVM cost grid), folds (3), max_iter (2000) -> <layer>/mAP,
                    <layer>/num_classes
+    finetune       train_shards, test_shards, train_limit / test_limit, epochs (5),
+                   batch_size (the training batch too), lr (1e-3), weight_decay (0.05),
+                   layer_decay (0: off), warmup_epochs (1), crop_scale ((0.08, 1); None: no
+                   crop/flip): the image tower + a linear head trained end to end (see
+                   finetune.py); no raw-pixel baseline                   -> top1
 
 Returns the trained model's metrics flat, "<name>/<metric>". Written by process 0 under
 `<workdir>/eval/`: the results table (see report.py) with both baselines beside each metric,
@@ -63,6 +69,7 @@ from absl import logging
 from threadpoolctl import threadpool_limits
 
 from mmssl_jax.evaluation import baselines as baselines_lib
+from mmssl_jax.evaluation import finetune as finetune_lib
 from mmssl_jax.evaluation import knn as knn_lib
 from mmssl_jax.evaluation import linear_probe as probe_lib
 from mmssl_jax.evaluation import plots as plots_lib
@@ -130,6 +137,18 @@ TYPE_DEFAULTS = {
         folds=3,
         max_iter=2000,
     ),
+    "finetune": dict(
+        train_shards=None,
+        test_shards=None,
+        train_limit=None,
+        test_limit=None,
+        epochs=5.0,
+        lr=1e-3,
+        weight_decay=0.05,
+        layer_decay=0.0,
+        warmup_epochs=1.0,
+        crop_scale=(0.08, 1.0),
+    ),
 }
 TSNE_BY_DEFAULT = frozenset({"zero_shot", "linear_probe"})
 SPLIT_KEYS = {  # the shard keys each type reads
@@ -138,6 +157,7 @@ SPLIT_KEYS = {  # the shard keys each type reads
     "linear_probe": ("train_shards", "test_shards"),
     "knn": ("train_shards", "test_shards"),
     "svm_map": ("train_shards", "test_shards"),
+    "finetune": ("train_shards", "test_shards"),
 }
 
 _ARRAYS: dict[tuple, dict] = {}  # eval arrays, per process: they do not change in training
@@ -451,12 +471,32 @@ def _eval_retrieval(call, name, cfg, encoder, rows, artifacts):
     )
 
 
+def _eval_finetune(call, name, cfg, encoder, rows, artifacts):
+    train = load_arrays(name, cfg, "train_shards")
+    test = load_arrays(name, cfg, "test_shards")
+    tr_keep = _need_labels(name, "train_shards", train)
+    te_keep = _need_labels(name, "test_shards", test)
+    classnames = load_classnames(cfg["classnames"])
+    result = finetune_lib.finetune(
+        encoder,
+        train["image"][tr_keep],
+        np.asarray(train["label"])[tr_keep],
+        test["image"][te_keep],
+        np.asarray(test["label"])[te_keep],
+        num_classes=len(classnames) if classnames else None,
+        **{k: cfg[k] for k in finetune_lib.HYPER_KEYS},
+        desc=name,
+    )
+    return result.metrics
+
+
 EVALUATORS = {
     "zero_shot": _eval_zero_shot,
     "linear_probe": _eval_linear_probe,
     "knn": _eval_knn,
     "retrieval": _eval_retrieval,
     "svm_map": _eval_svm_map,
+    "finetune": _eval_finetune,
 }
 
 
