@@ -187,6 +187,21 @@ def initialize(cfg: DistributedConfig | None = None) -> bool:
     return jax.process_count() > 1
 
 
+def barrier(name: str, timeout_s: float = 1800.0) -> None:
+    """Waits until every process reaches `name` (no-op with one process).
+
+    Goes through the coordination service, not a device collective: XLA:CPU's Gloo context
+    is set up at the first collective and gives up after 30 s, so processes that finish
+    compiling far apart (a loaded machine) must meet here before their first step."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the client has no public handle
+
+    client = jax_distributed.global_state.client
+    if client is not None:
+        client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
 def is_main_process() -> bool:
     """True on the process that writes logs, metrics, configs and reports."""
     return jax.process_index() == 0

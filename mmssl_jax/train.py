@@ -505,11 +505,14 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
-        t0, n0 = time.perf_counter(), start
         batches = self.batches()
+        step_fn = self.train_step
+        if jax.process_count() > 1 and start < self.total_steps:
+            step_fn, batches = self._compile_together(state, batches)
+        t0, n0 = time.perf_counter(), start
         try:
             for step in range(start, self.total_steps):
-                state, metrics = self.train_step(state, next(batches))
+                state, metrics = step_fn(state, next(batches))
                 pending.append((step + 1, metrics))
                 bar.update(1)
                 done = step + 1
@@ -540,6 +543,18 @@ class Trainer:
             preemption.uninstall()
         self.state = state
         return last
+
+    def _compile_together(self, state: TrainState, batches: Iterator) -> tuple[Callable, Iterator]:
+        """Compiles the step ahead of time, then waits for every process (see
+        `distributed.barrier`); returns the compiled step and the batches, first one kept."""
+        import itertools
+
+        from mmssl_jax import distributed
+
+        first = next(batches)
+        compiled = self.train_step.lower(state, first).compile()
+        distributed.barrier("mmssl_jax/train_step_compiled")
+        return compiled, itertools.chain([first], batches)
 
     def _flush(self, pending: list, writer, rate: float) -> dict[str, float]:
         """Fetches pending metrics, halts on a non-finite streak, writes interval averages."""
