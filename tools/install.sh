@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the real offline datasets (Debian packages) and the project with its dev and
-# torch extras. Idempotent: a second run installs nothing new.
+# Installs the real offline datasets (Debian packages) and the project with its dev, torch
+# and topics extras. Idempotent: a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEBS="fonts-noto-color-emoji unicode-data unicode-cldr-core dataset-fashion-mnist"
@@ -16,10 +16,10 @@ fi
 python -m pip install -q "torch==2.13.0" || python -m pip install -q "torch>=2.9,<2.14"
 python -m pip install -q -e ".[dev,torch,topics]"
 # open_clip's wheel holds CLIP's BPE merges and open_clip's tokenizer, the reference that
-# tests/test_clip_bpe.py reads from the zip (never installed: it would pull torchvision).
-# Fetched once; offline the test skips.
+# tests/test_clip_bpe.py and tests/test_open_clip_parity.py read from the zip (never
+# installed: it would pull torchvision). Fetched once; offline those tests skip.
 OPEN_CLIP_CACHE="${MMSSL_OPEN_CLIP_CACHE:-$HOME/.cache/mmssl_jax/open_clip}"
 if ! ls "$OPEN_CLIP_CACHE"/open_clip_torch-*.whl >/dev/null 2>&1; then
   python -m pip download -q --no-deps "open_clip_torch==3.3.0" -d "$OPEN_CLIP_CACHE" \
-    || echo "warning: could not fetch open_clip_torch; tests/test_clip_bpe.py will skip" >&2
+    || echo "warning: could not fetch open_clip_torch; the open_clip parity tests will skip" >&2
 fi
