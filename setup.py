@@ -32,7 +32,8 @@ INSTALL_REQUIRES = [
     "flatbuffers>=24.3,<27",
     # google-crc32c: C CRC-32C for TFRecord framing (pure Python would dominate read time).
     "google-crc32c>=1.5,<2",
-    # regex: \p{L} / \p{N} classes of CLIP's BPE pre-tokenizer (input_pipeline/clip_bpe.py).
+    # regex: \p{L} / \p{N} classes of CLIP's BPE pre-tokenizer
+    # (input_pipeline/tokenizers/clip_bpe.py).
     "regex>=2026.5,<2028",
 ]
 
@@ -64,9 +65,7 @@ setup(
     packages=find_packages(
         include=["mmssl_jax", "mmssl_jax.*", "input_pipeline", "input_pipeline.*", "configs"]
     ),
-    package_data={
-        "mmssl_jax": ["evaluation/templates/*.json", "evaluation/templates/classnames/*.json"]
-    },
+    package_data={"input_pipeline": ["templates/*.json", "templates/classnames/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

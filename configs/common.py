@@ -11,7 +11,9 @@ import os
 
 import ml_collections
 
-from mmssl_jax.param_rules import SLIP_WD_RULES
+from mmssl_jax.config_utils import import_extensions
+from mmssl_jax.objectives import model_parts
+from mmssl_jax.training.param_rules import SLIP_WD_RULES
 
 # SLIP's README: the same lr/wd for every size within a method; AdamW (0.9, 0.98), eps 1e-8,
 # 1 warmup epoch from 1e-6, cosine to 1e-5, global batch 4096, 25 epochs.
@@ -31,12 +33,6 @@ RECIPES = {
     "slip_mocov3": dict(objectives=[("clip", 1.0), ("mocov3", 1.0)], lr=3e-3, weight_decay=0.1),
 }
 
-# Which terms need the text tower / the SSL head (projector) / the other optional heads.
-TEXT_TERMS = frozenset({"clip", "unicl", "siglip", "gdt"})
-SSL_HEAD_TERMS = frozenset({"simclr", "supcon", "mocov3"})
-TOPIC_TERMS = frozenset(
-    {"topic_softmax", "topic_bce", "topic_mse", "topic_triplet", "topic_contrastive"}
-)
 TEXT_MODELS = ("lda", "lsa", "word2vec")  # tools/fit_topics.py --kind
 
 # Image tower name in mmssl_jax.models.registry for each size; the text tower is CLIP's.
@@ -128,8 +124,18 @@ def topic_sources(root: str = DATA_ROOT, kind: str = "lda") -> dict:
     }
 
 
-def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """The full config for `method` x `size`."""
+def recipe(
+    method: str,
+    size: str,
+    arg: str | None = None,
+    *,
+    objectives: list | None = None,
+    extensions: tuple[str, ...] = (),
+) -> ml_collections.ConfigDict:
+    """The full config for `method` x `size` (its lr/wd), optionally with other objective
+    terms. `extensions`: modules or .py files registering terms, outputs, heads or
+    evaluators of a user's own; imported here and by every run of the config."""
+    import_extensions(extensions)
     if method not in RECIPES:
         raise ValueError(f"unknown method {method!r}; valid: {sorted(RECIPES)}")
     if size not in SIZES:
@@ -144,10 +150,13 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
         topics="lda",  # text model of the topic targets (topic recipes)
         topic_dim=40,
     )
-    names = {name for name, _ in r["objectives"]}
-    needs_text = bool(names & TEXT_TERMS)
-    needs_ssl_head = bool(names & SSL_HEAD_TERMS)
-    needs_topics = bool(names & TOPIC_TERMS)
+    terms = list(objectives if objectives is not None else r["objectives"])
+    names = {spec[0] for spec in terms}
+    # The towers and heads to build are what the terms' outputs need (objectives/outputs.py).
+    parts = model_parts(terms)
+    needs_text = "text_encoder" in parts
+    needs_ssl_head = "ssl_head" in parts
+    needs_topics = "topic_head" in parts
     mocov3 = "mocov3" in names
 
     config = ml_collections.ConfigDict()
@@ -170,8 +179,8 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
             # Optional heads (mmssl_jax/models/extra_heads.py): a linear map to the K topics,
             # the 4-way rotation classifier, MoCo v3's predictor (4096 hidden, as MoCo v3).
             topic_head=dict(out=args.topic_dim) if needs_topics else None,
-            rotation_head=dict() if "rotation" in names else None,
-            predictor=dict(hidden=(512,) if tiny else (4096,)) if mocov3 else None,
+            rotation_head=dict() if "rotation_head" in parts else None,
+            predictor=dict(hidden=(512,) if tiny else (4096,)) if "predictor" in parts else None,
             vocab_size=-1,  # -1: read from the tokenizer
             context_length=32 if tiny else 77,
             dtype="float32",
@@ -179,7 +188,8 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
             attention_impl="",  # "": XLA's choice; "cudnn": fused kernel (NVIDIA GPU, bf16)
         )
     )
-    config.objectives = list(r["objectives"])
+    config.extensions = tuple(extensions)
+    config.objectives = terms
     config.objective_options = ml_collections.ConfigDict(
         dict(simclr=dict(temperature=0.1), supcon=dict(temperature=0.1))
     )
@@ -244,8 +254,8 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
             end_lr=1e-5,
             grad_clip_norm=0.0,
             # Per-parameter rules, (regex over the '/'-joined parameter path, value), first
-            # match wins (mmssl_jax/param_rules.py): frozen parameters (LiT), lr multipliers,
-            # layer-wise lr decay (0: off) and weight-decay multipliers (SLIP's rule).
+            # match wins (mmssl_jax/training/param_rules.py): frozen parameters (LiT), lr
+            # multipliers, layer-wise lr decay (0: off) and weight-decay multipliers (SLIP's rule).
             # Tuples, so the command line can override them:
             # --config.optim.freeze="(('image_encoder/.*', True),)"
             freeze=(),
@@ -254,7 +264,8 @@ def recipe(method: str, size: str, arg: str | None = None) -> ml_collections.Con
             wd_mults=tuple(SLIP_WD_RULES),
         )
     )
-    # Start from an export/checkpoint's weights (mmssl_jax/init_from.py); "" = from scratch.
+    # Start from an export/checkpoint's weights (mmssl_jax/training/init_from.py); "": from
+    # scratch.
     # skip: regexes of parameters left at their fresh initialisation (e.g. a new head).
     config.init_from = ml_collections.ConfigDict(dict(path="", skip=()))
     config.train = ml_collections.ConfigDict(

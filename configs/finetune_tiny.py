@@ -3,7 +3,7 @@ recipe (configs/finetune_vitb.py) and of WiSE-FT.
 
     python -m mmssl_jax.main --config=configs/tiny_clip.py --workdir=W/clip      # pretrain
     python -m mmssl_jax.main --config=configs/finetune_tiny.py:init=W/clip --workdir=W/ft
-    python -m mmssl_jax.init_from --config=configs/finetune_tiny.py:init=W/clip \\
+    python tools/wise_ft.py --config=configs/finetune_tiny.py:init=W/clip \\
         --workdir=W/ft --output=W/wise_0.5 --alpha=0.5
     python -m mmssl_jax.main --config=configs/finetune_tiny.py:init=W/clip \\
         --workdir=W/wise_0.5 --mode=eval

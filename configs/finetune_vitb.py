@@ -7,7 +7,7 @@ The recipe is "fine-tune like you pretrain" (FLYP, Goyal et al. 2023): the contr
 image-text loss over class prompts (UniCL, so images of one class share their target), which
 keeps the model a zero-shot classifier and fine-tunes both towers; AdamW lr 1e-5, wd 0.1,
 500 warmup steps, cosine to 0, gradient clipping at 1. The training controls are the
-parameter rules of config.optim (mmssl_jax/param_rules.py):
+parameter rules of config.optim (mmssl_jax/training/param_rules.py):
 
     freeze=image|text   lock that tower (LiT-style); open_blocks=K leaves its last K blocks open
     layer_decay=0.65    layer-wise lr decay in both towers
@@ -16,7 +16,7 @@ parameter rules of config.optim (mmssl_jax/param_rules.py):
 tokenizer are used), a .safetensors file or a training workdir (then `method`/`size` give
 the model). Evaluations: zero-shot accuracy on the task's test shards (the fine-tuned
 model), and ImageNet zero-shot when `imagenet=` names validation shards. Trade the two off
-after training with WiSE-FT (`python -m mmssl_jax.init_from ... --alpha=0.5`).
+after training with WiSE-FT (`python tools/wise_ft.py ... --alpha=0.5`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import os
 import ml_collections
 
 from configs.common import DATA_ROOT, SIZES, parse_arg, recipe
-from mmssl_jax import param_rules
+from mmssl_jax.training import param_rules
 
-# (file name, what it sets) of an export directory (mmssl_jax/export.py).
+# (file name, what it sets) of an export directory (mmssl_jax/export/).
 EXPORT_MODEL, EXPORT_TOKENIZER = "model.json", "tokenizer.model"
 
 

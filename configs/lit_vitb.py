@@ -6,7 +6,7 @@ frozen image tower with the CLIP loss.
 
 `init` holds the pretrained image tower (an export, a converted checkpoint or a training
 workdir of the same image encoder); only `image_encoder/*` is read from it, everything else
-starts fresh. The lock is a freeze rule (mmssl_jax/param_rules.py; the table of rules and
+starts fresh. The lock is a freeze rule (mmssl_jax/training/param_rules.py; the table of rules and
 the parameters they decide is printed at start-up):
 
     lock=image      the image tower is frozen (default); open_blocks=K trains its last K
@@ -21,7 +21,7 @@ import ml_collections
 
 from configs.common import DATA_ROOT, parse_arg, recipe
 from configs.finetune_vitb import _depth
-from mmssl_jax import param_rules
+from mmssl_jax.training import param_rules
 
 TOWER = {"image": "image_encoder", "text": "text_encoder"}
 

@@ -13,7 +13,7 @@ as there). `val` is a glob of labelled shards in the standard ImageNet-1k label 
     python tools/make_shards.py tfds --name imagenet2012 --split validation \\
         --data_dir ~/tensorflow_datasets --output DIR/imagenet
 
-Class names are CLIP's cleaned ImageNet names (mmssl_jax/evaluation/templates/classnames/
+Class names are CLIP's cleaned ImageNet names (input_pipeline/templates/classnames/
 imagenet1k.json); `templates` is `imagenet80` (CLIP's 80 prompts, the default) or
 `imagenet7` (the 7 SLIP reports) or a JSON path. `limit=N` evaluates the first N images.
 """

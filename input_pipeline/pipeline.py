@@ -71,8 +71,8 @@ import numpy as np
 from absl import flags, logging
 
 from input_pipeline import records, tfrecord, transforms
-from input_pipeline.tokenizer import Tokenizer
-from mmssl_jax.evaluation import templates as templates_lib
+from input_pipeline import templates as templates_lib
+from input_pipeline.tokenizers.spm import Tokenizer
 
 # Keys a training batch can hold; "index" and "skipped" are always produced.
 BATCH_KEYS = frozenset(
@@ -117,7 +117,7 @@ def source_config(
                        [-1, len) is a bad record. Needed by `use_labels` sources.
     use_labels:        True: labels are UniCL targets and records without text get prompts.
                        False: caption data, `label` is -1 in the batch.
-    prompt_templates:  template set for prompts (mmssl_jax/evaluation/templates: imagenet80,
+    prompt_templates:  template set for prompts (input_pipeline/templates: imagenet80,
                        imagenet7, simple) or a path to a JSON list of templates.
     """
     return ml_collections.ConfigDict(

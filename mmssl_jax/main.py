@@ -14,8 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mmssl_jax import distributed
 from mmssl_jax.config_utils import check_keys, override_keys
+from mmssl_jax.parallel import distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:arg]).")
@@ -52,8 +52,8 @@ def main(argv: list[str]) -> None:
     distributed.initialize_from_flags()  # before anything touches devices
     import jax
 
-    from mmssl_jax import evaluation_hook
-    from mmssl_jax.train import Trainer
+    from mmssl_jax.evaluation import hook as evaluation_hook
+    from mmssl_jax.training.trainer import Trainer
 
     config, workdir = FLAGS.config, FLAGS.workdir
     os.makedirs(workdir, exist_ok=True)

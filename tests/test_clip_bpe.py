@@ -1,5 +1,5 @@
-"""CLIP's BPE tokenizer (input_pipeline/clip_bpe.py) against open_clip's own tokenizer, and
-its use by exports of converted weights (`convert_torch --bpe`, `load_pretrained`).
+"""CLIP's BPE tokenizer (input_pipeline/tokenizers/clip_bpe.py) against open_clip's own
+tokenizer, and its use by exports of converted weights (`convert_torch --bpe`, `load_pretrained`).
 
 The merges file and the reference `open_clip/tokenizer.py` are read from the open_clip_torch
 wheel that tools/install.sh downloads into the cache (tests/open_clip_wheel.py; the wheel is
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from input_pipeline import clip_bpe
-from input_pipeline.clip_bpe import ClipBpeTokenizer
+from input_pipeline.tokenizers import clip_bpe
+from input_pipeline.tokenizers.clip_bpe import ClipBpeTokenizer
 from tests.open_clip_wheel import MERGES, extract
 
 SOT, EOT = 49406, 49407
@@ -132,8 +132,7 @@ def test_converted_export_tokenizes_with_bpe(tok, merges_path, tmp_path):
     """convert_torch --bpe: the merges travel in the export (sha256 in the manifest) and
     load_pretrained's encode_texts matches the PyTorch text tower on the same BPE ids."""
     torch = pytest.importorskip("torch", reason="the converted checkpoint is a torch file")
-    from mmssl_jax import convert_torch
-    from mmssl_jax.export import ExportError, load_pretrained, write_export
+    from mmssl_jax.export import ExportError, convert_torch, load_pretrained, write_export
     from tests.test_convert_torch import SMALL, Clip, QuickGELU, _tool, randomize
 
     ref = randomize(Clip(**dict(SMALL, vocab=49408, twidth=64, theads=1), act=QuickGELU), seed=4)

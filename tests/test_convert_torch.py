@@ -21,8 +21,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install -e '.[torch]')")
 nn = torch.nn
 
-from mmssl_jax import convert_torch  # noqa: E402
-from mmssl_jax.export import PretrainedModel, load_pretrained  # noqa: E402
+from mmssl_jax.export import PretrainedModel, convert_torch, load_pretrained  # noqa: E402
 from mmssl_jax.models.model import MultimodalModel  # noqa: E402
 from mmssl_jax.models.registry import build_model  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402

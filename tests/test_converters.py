@@ -307,7 +307,7 @@ def test_imagenet_zero_shot_assets_and_folder_label_order(tmp_path):
     80/7 templates, and the zero-shot config: it rejects a folder whose classes are not the
     1,000 ids in order (labels would name the wrong classes)."""
     from configs import zeroshot_imagenet as zs
-    from mmssl_jax.evaluation import templates
+    from input_pipeline import templates
 
     names = json.load(open(zs.IMAGENET_CLASSNAMES, encoding="utf-8"))
     wnids = json.load(open(zs.IMAGENET_WNIDS, encoding="utf-8"))

@@ -99,7 +99,7 @@ def test_class_embeddings_average_normalised_prompts_and_renormalise():
 
 
 def test_class_embeddings_with_project_templates():
-    from mmssl_jax.evaluation.templates import load_templates, prompts_for
+    from input_pipeline.templates import load_templates, prompts_for
 
     templates = load_templates("imagenet7")
     seen = []

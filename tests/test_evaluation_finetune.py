@@ -13,13 +13,14 @@ import pytest
 from PIL import Image
 
 from input_pipeline import augment
-from mmssl_jax import parallel, param_rules
 from mmssl_jax.evaluation import finetune as ft
 from mmssl_jax.evaluation import linear_probe, runner
 from mmssl_jax.evaluation.encoder import encode_images
-from mmssl_jax.inference import ModelEncoder
+from mmssl_jax.evaluation.model_encoder import ModelEncoder
 from mmssl_jax.models.model import MultimodalModel
 from mmssl_jax.models.registry import build_model
+from mmssl_jax.parallel import mesh as parallel
+from mmssl_jax.training import param_rules
 
 SIZE, DEPTH = 8, 2
 

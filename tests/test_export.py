@@ -24,11 +24,11 @@ from safetensors.numpy import load_file, save_file
 from input_pipeline import transforms
 from input_pipeline.records import decode_example
 from input_pipeline.tfrecord import TFRecordSource
-from input_pipeline.tokenizer import Tokenizer
+from input_pipeline.tokenizers.spm import Tokenizer
 from mmssl_jax import export, load_pretrained
-from mmssl_jax.checkpoint import CheckpointMismatchError
-from mmssl_jax.inference import ModelEncoder
-from mmssl_jax.train import Trainer
+from mmssl_jax.evaluation.model_encoder import ModelEncoder
+from mmssl_jax.training.checkpoint import CheckpointMismatchError
+from mmssl_jax.training.trainer import Trainer
 from tests.conftest import ROOT
 
 ATOL = 1e-5

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmssl_jax import parallel, sharding_rules
-from mmssl_jax.checkpoint import Checkpointer
-from mmssl_jax.metrics_writer import read_metrics
-from mmssl_jax.train import Trainer
+from mmssl_jax.parallel import mesh as parallel
+from mmssl_jax.parallel import sharding_rules
+from mmssl_jax.training.checkpoint import Checkpointer
+from mmssl_jax.training.metrics_writer import read_metrics
+from mmssl_jax.training.trainer import Trainer
 
 
 def test_fsdp_spec_picks_largest_divisible_dim():

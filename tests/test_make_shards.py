@@ -321,7 +321,7 @@ def test_embedded_default_skips_when_up_to_date(tmp_path):
     assert parts["emoji"]["num_classes"] == 99
     model = os.path.join(out, "tokenizer", "spm.model")
     assert parts["tokenizer"]["model"] == "tokenizer/spm.model" and os.path.exists(model)
-    from input_pipeline.tokenizer import Tokenizer
+    from input_pipeline.tokenizers.spm import Tokenizer
 
     tokens = Tokenizer(model).encode(["an emoji of grinning face", "ankle boot"], 16)
     assert tokens.shape == (2, 16) and (tokens[:, 0] > 3).all()

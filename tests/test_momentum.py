@@ -2,6 +2,7 @@
 projector under the cosine schedule, its keys see the same views as the online queries,
 and the tiny MoCo v3 configs carry MoCo v3's asymmetric augmentations."""
 
+import functools
 import importlib
 
 import jax
@@ -11,9 +12,11 @@ import numpy as np
 import optax
 
 from input_pipeline import augment
-from mmssl_jax import momentum, train
 from mmssl_jax.models.extra_heads import attach_heads
 from mmssl_jax.models.registry import build_model
+from mmssl_jax.objectives import outputs as outputs_lib
+from mmssl_jax.training import momentum
+from mmssl_jax.training import trainer as train
 
 
 def _tiny_mocov3():
@@ -46,10 +49,12 @@ def test_mocov3_momentum_update_and_keys():
     # While ema == params, the momentum keys equal the online projections: same views.
     key = jax.random.key(1)
     variables = {"params": state.params}
-    online = jax.jit(lambda v, b: model.apply(v, b, key, aug, True, method=train._forward))(
+    ONLINE = functools.partial(outputs_lib.compute, names=["ssl_a", "ssl_b", "pred_a", "pred_b"])
+    KEYS = functools.partial(outputs_lib.compute, names=["key_a", "key_b"], momentum=True)
+    online = jax.jit(lambda v, b: model.apply(v, b, key, aug, True, method=ONLINE))(
         variables, batch
     )
-    keys = jax.jit(lambda v, b: model.apply(v, b, key, aug, True, method=train._momentum_forward))(
+    keys = jax.jit(lambda v, b: model.apply(v, b, key, aug, True, method=KEYS))(
         {"params": momentum.merged(state.params, state.ema_params)}, batch
     )
     np.testing.assert_allclose(keys["key_a"], online["ssl_a"], atol=1e-5)

@@ -1,7 +1,7 @@
 """2 processes x 2 emulated CPU devices (Gloo) train like 1 process x 4 devices.
 
 The processes are this file run as a script (`python tests/test_multihost.py worker ...`),
-joined with `mmssl_jax.distributed.initialize` on a free localhost port. Each process reads
+joined with `mmssl_jax.parallel.distributed.initialize` on a free localhost port. Each process reads
 its own slice of the shards (grain: records `process_index::process_count`, batch 16 / 2),
 feeds it with `jax.make_array_from_process_local_data`, trains the tiny CLIP config through
 `Trainer.run` (orbax checkpoints written by both processes into one directory) and only
@@ -54,7 +54,7 @@ def tiny_clip_config(data_root: str, **train):
 
 def worker(port: int, process_id: int, data_root: str, workdir: str, out: str) -> None:
     """One of the two processes: join, train, report what this process saw."""
-    from mmssl_jax import distributed
+    from mmssl_jax.parallel import distributed
 
     cfg = distributed.DistributedConfig(
         coordinator_address=f"127.0.0.1:{port}",
@@ -66,8 +66,8 @@ def worker(port: int, process_id: int, data_root: str, workdir: str, out: str) -
     assert distributed.initialize(cfg)
     import jax
 
-    from mmssl_jax.metrics_writer import read_metrics
-    from mmssl_jax.train import Trainer
+    from mmssl_jax.training.metrics_writer import read_metrics
+    from mmssl_jax.training.trainer import Trainer
 
     assert (jax.process_count(), jax.local_device_count(), jax.device_count()) == (2, 2, 4)
     t0 = time.perf_counter()
@@ -94,7 +94,7 @@ def _restore_matches(trainer, config, workdir: str) -> bool:
     import numpy as np
 
     from input_pipeline import pipeline
-    from mmssl_jax.checkpoint import Checkpointer
+    from mmssl_jax.training.checkpoint import Checkpointer
 
     fresh_iter = pipeline.make_train_iterator(
         config.data,
@@ -132,8 +132,8 @@ def _reference_losses(data_root: str) -> list[float]:
     import numpy as np
 
     from input_pipeline import pipeline
-    from mmssl_jax import parallel
-    from mmssl_jax.train import Trainer
+    from mmssl_jax.parallel import mesh as parallel
+    from mmssl_jax.training.trainer import Trainer
 
     assert jax.device_count() >= 4
     config = tiny_clip_config(data_root, num_devices=4)
@@ -161,7 +161,7 @@ def _reference_losses(data_root: str) -> list[float]:
 def test_distributed_plan_from_flags_and_environment():
     import pytest
 
-    from mmssl_jax import distributed as d
+    from mmssl_jax.parallel import distributed as d
 
     explicit = d.config_from_env(
         {

@@ -5,7 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from mmssl_jax import objectives, parallel
+from mmssl_jax import objectives
+from mmssl_jax.parallel import mesh as parallel
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 B, D, K = 32, 6, 5  # 4 rows per device

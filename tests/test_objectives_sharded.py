@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmssl_jax import objectives, parallel
+from mmssl_jax import objectives
 from mmssl_jax.objectives import core
+from mmssl_jax.parallel import mesh as parallel
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 B, D = 32, 6  # global batch 32 -> 4 rows per device

@@ -1,5 +1,5 @@
 """Parity with open_clip's own model code (issue 6): a randomly initialised ViT-B-16 from
-`open_clip.create_model`, converted by `mmssl_jax.convert_torch`, gives the same image and
+`open_clip.create_model`, converted by `mmssl_jax.export.convert_torch`, gives the same image and
 text embeddings on the same inputs (max |diff| <= 1e-4 in float32).
 
 open_clip runs from the cached open_clip_torch wheel, extracted to a temporary directory and
@@ -15,8 +15,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install -e '.[torch]')")
 
-from input_pipeline.clip_bpe import ClipBpeTokenizer  # noqa: E402
-from mmssl_jax import convert_torch  # noqa: E402
+from input_pipeline.tokenizers.clip_bpe import ClipBpeTokenizer  # noqa: E402
+from mmssl_jax.export import convert_torch  # noqa: E402
 from mmssl_jax.models.model import MultimodalModel  # noqa: E402
 from tests.open_clip_wheel import extract, import_open_clip  # noqa: E402
 from tests.test_convert_torch import pretrained, state_dict_numpy, torch_inputs  # noqa: E402

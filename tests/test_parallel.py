@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from mmssl_jax import parallel
+from mmssl_jax.parallel import mesh as parallel
 
 
 def test_make_mesh_defaults_to_all_devices_on_data():

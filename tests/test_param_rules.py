@@ -1,4 +1,5 @@
-"""Per-parameter rules (mmssl_jax/param_rules.py) in the optimizer (mmssl_jax/optim.py).
+"""Per-parameter rules (mmssl_jax/training/param_rules.py) in the optimizer
+(mmssl_jax/training/optim.py).
 
 Frozen parameters stay bit-identical through real train steps and hold no optimizer state;
 lr multipliers and layer decay scale Adam's first step (|update| = lr * mult) exactly; the
@@ -18,9 +19,10 @@ import numpy as np
 import optax
 import pytest
 
-from mmssl_jax import init_from, optim, parallel, param_rules
 from mmssl_jax.models.registry import IMAGE_ENCODERS, TEXT_ENCODERS, build_model
-from mmssl_jax.train import init_state, make_train_step, term_specs
+from mmssl_jax.parallel import mesh as parallel
+from mmssl_jax.training import init_from, optim, param_rules, wise_ft
+from mmssl_jax.training.trainer import init_state, make_train_step, term_specs
 
 FASHION = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 
@@ -341,7 +343,7 @@ def test_init_from_export_params_and_skip_and_clear_errors(tmp_path):
 def test_init_from_training_checkpoint_and_trainer_hook(tmp_path):
     """A workdir's orbax checkpoint (params read alone, optimizer state never), placed on the
     trainer's shardings by `maybe_init_from`; WiSE-FT interpolation is exact at 0 and 1."""
-    from mmssl_jax.checkpoint import Checkpointer
+    from mmssl_jax.training.checkpoint import Checkpointer
 
     model = tiny_model()
     tx, _ = optim.make_optimizer(optim_cfg(freeze=[("image_encoder/.*", True)]), 10, 10)
@@ -365,10 +367,10 @@ def test_init_from_training_checkpoint_and_trainer_hook(tmp_path):
 
     a, b = saved.params, fresh.params
     for alpha, want in ((0.0, a), (1.0, b)):
-        mixed = flat(init_from.interpolate(a, b, alpha))
+        mixed = flat(wise_ft.interpolate(a, b, alpha))
         for path, value in flat(want).items():
             np.testing.assert_array_equal(mixed[path], value)
-    half = flat(init_from.interpolate(a, b, 0.5))
+    half = flat(wise_ft.interpolate(a, b, 0.5))
     k = "image_encoder/blocks_0/attn/qkv/kernel"
     np.testing.assert_allclose(half[k], 0.5 * (flat(a)[k] + flat(b)[k]), rtol=1e-6)
 

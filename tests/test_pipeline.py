@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tensorflow_datasets.proto import tf_example_pb2
 
 from input_pipeline import pipeline, records, tfrecord
-from input_pipeline.tokenizer import Tokenizer, train_sentencepiece
-from mmssl_jax.evaluation import templates as templates_lib
+from input_pipeline import templates as templates_lib
+from input_pipeline.tokenizers.spm import Tokenizer, train_sentencepiece
 
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 FMNIST = "/usr/share/datasets/fashion-mnist"

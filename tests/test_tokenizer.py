@@ -1,4 +1,4 @@
-"""Tests for input_pipeline/tokenizer.py and tools/train_tokenizer.py."""
+"""Tests for input_pipeline/tokenizers/spm.py and tools/train_tokenizer.py."""
 
 import pickle
 import random
@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from input_pipeline.tokenizer import EOS_ID, PAD_ID, Tokenizer, train_sentencepiece
+from input_pipeline.tokenizers.spm import EOS_ID, PAD_ID, Tokenizer, train_sentencepiece
 from tools import train_tokenizer
 
 WORD_TEXT = (

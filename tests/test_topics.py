@@ -1,4 +1,4 @@
-"""Text models for topic targets (input_pipeline/topics.py) and tools/fit_topics.py on the
+"""Text models for topic targets (input_pipeline/sources/topics.py) and tools/fit_topics.py on the
 real embedded captions: LDA vectors are distributions, fits are deterministic for a seed,
 saved models (no pickle) reproduce their vectors, and the written shards feed the pipeline."""
 
@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from input_pipeline import pipeline, records, tfrecord, topics
+from input_pipeline import pipeline, records, tfrecord
+from input_pipeline.sources import topics
 from tools import fit_topics
 
 

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from mmssl_jax.metrics_writer import read_metrics
-from mmssl_jax.train import Trainer
+from mmssl_jax.training.metrics_writer import read_metrics
+from mmssl_jax.training.trainer import Trainer
 
 
 def tiny_config(name: str, data_root, **train):

@@ -5,9 +5,9 @@ import importlib
 
 import numpy as np
 
-from input_pipeline import topics
-from mmssl_jax import train
-from mmssl_jax.metrics_writer import read_metrics
+from input_pipeline.sources import topics
+from mmssl_jax.training import trainer as train
+from mmssl_jax.training.metrics_writer import read_metrics
 
 
 def test_topic_softmax_and_rotation_learn(embedded_data, tmp_path):

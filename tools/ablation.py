@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def ensure_topics(data: str, kind: str, dim: int) -> str:
     """Topic shards of the emoji set for text model `kind` (fitted if not there yet)."""
-    from input_pipeline import topics
+    from input_pipeline.sources import topics
 
     out = os.path.join(data, f"topics_{kind}", "emoji")
     model_json = os.path.join(out, topics.MODEL_JSON)
@@ -116,8 +116,8 @@ def cells(args: argparse.Namespace) -> list[tuple[str, str, str, list, str]]:
 
 
 def run_cell(args, table, row, module, objectives, kind, baselines=True) -> dict:
-    from mmssl_jax import evaluation_hook
-    from mmssl_jax.train import Trainer
+    from mmssl_jax.evaluation import hook as evaluation_hook
+    from mmssl_jax.training.trainer import Trainer
 
     arg = f"data={args.data}" + (f",topics={kind},topic_dim={args.dim}" if kind else "")
     config = importlib.import_module(f"configs.{module}").get_config(arg)
@@ -161,7 +161,7 @@ def run_cell(args, table, row, module, objectives, kind, baselines=True) -> dict
 
 
 def trainer_last_loss(workdir: str) -> float:
-    from mmssl_jax.metrics_writer import read_metrics
+    from mmssl_jax.training.metrics_writer import read_metrics
 
     rows = read_metrics(workdir)
     return float(rows[-1]["loss"]) if rows else float("nan")

@@ -13,7 +13,7 @@ CLIP-layout (`visual.conv1`) state dicts and takes the latter as OpenAI's (Quick
 SLIP) is copied into the export so that `encode_texts` / `zero_shot_classifier` tokenize as
 CLIP does; without it, texts go in as token ids (`encode_tokens`).
 The output loads with `mmssl_jax.load_pretrained(OUT)`; its params.safetensors is this
-codebase's parameter tree (mapping in mmssl_jax/convert_torch.py).
+codebase's parameter tree (mapping in mmssl_jax/export/convert_torch.py).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from mmssl_jax.convert_torch import convert_to_export
+    from mmssl_jax.export.convert_torch import convert_to_export
 
     out = convert_to_export(
         args.checkpoint,

@@ -6,7 +6,7 @@
 Reads the run's config from `DIR/config.json` (written by mmssl_jax.main) unless --config is
 given, restores the latest checkpoint (or --step), and writes OUT: params.safetensors,
 model.json, preprocess.json, tokenizer.model, the jax.export artifacts encode_images.jax /
-encode_texts.jax and a sha256 manifest (layout in mmssl_jax/export.py). Load it with
+encode_texts.jax and a sha256 manifest (layout in mmssl_jax/export/). Load it with
 
     from mmssl_jax import load_pretrained
     model = load_pretrained("OUT")

@@ -54,10 +54,10 @@ def main() -> None:
     import jax
     import ml_collections
 
-    from mmssl_jax.checkpoint import Checkpointer
+    from mmssl_jax.evaluation.hook import encoders_for
     from mmssl_jax.evaluation.runner import run_evals
-    from mmssl_jax.evaluation_hook import encoders_for
-    from mmssl_jax.train import Trainer
+    from mmssl_jax.training.checkpoint import Checkpointer
+    from mmssl_jax.training.trainer import Trainer
 
     with open(os.path.join(args.workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))

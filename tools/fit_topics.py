@@ -8,7 +8,7 @@ Every shard of --fit and --apply is copied to --output_dir (same file names, sam
 the same order, plus .idx) with each record's `topics` feature set to the vector of its
 captions; the JSON sidecars of the input folders (class names, stats) are copied along. The
 fitted model goes to --output_dir/text_model.{json,npz} (no pickle; see
-input_pipeline/topics.py). Kinds: lda (topic distributions, sum to 1), lsa (TF-IDF +
+input_pipeline/sources/topics.py). Kinds: lda (topic distributions, sum to 1), lsa (TF-IDF +
 truncated SVD, L2-normalised), word2vec (mean skip-gram word vector; needs gensim).
 """
 
@@ -25,7 +25,7 @@ import time
 if __package__ in (None, ""):  # Run as a script: make the repository root importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from input_pipeline import topics
+from input_pipeline.sources import topics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -3,7 +3,7 @@
     python tools/train_tokenizer.py --shards 'data/cc-*.tfrecord' --output data/spm8k
     python tools/train_tokenizer.py --text_file captions.txt --output data/spm8k
 
-Writes `<output>.model` (pad=0, unk=1, bos=2, eos=3; see input_pipeline/tokenizer.py).
+Writes `<output>.model` (pad=0, unk=1, bos=2, eos=3; see input_pipeline/tokenizers/spm.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 if __package__ in (None, ""):  # Run as a script: make the repository root importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from input_pipeline.tokenizer import Tokenizer, train_sentencepiece
+from input_pipeline.tokenizers.spm import Tokenizer, train_sentencepiece
 
 
 def texts_from_file(path: str) -> Iterator[str]:

@@ -35,7 +35,7 @@ _CODE = {
         "records.py",
         "tfrecord.py",
     ],
-    "tokenizer": ["tokenizer.py", "sources/embedded.py"],
+    "tokenizer": ["tokenizers/spm.py", "sources/embedded.py"],
 }
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
 
@@ -194,7 +194,7 @@ def build_embedded(
     params = {"vocab_size": TOKENIZER_VOCAB_SIZE, "classes": fashion_mnist.CLASSNAMES}
     key, hashes = _key(train_files, _CODE["tokenizer"], params, relative_to=output_dir)
     if not up_to_date("tokenizer", key):
-        from input_pipeline.tokenizer import Tokenizer, train_sentencepiece
+        from input_pipeline.tokenizers.spm import Tokenizer, train_sentencepiece
 
         texts = _emoji_train_captions(output_dir, parts["emoji"])
         texts += list(fashion_mnist.CLASSNAMES)

@@ -31,7 +31,7 @@ import optax
 from tqdm.auto import tqdm
 
 from input_pipeline import augment
-from mmssl_jax import optim
+from mmssl_jax.training import optim
 
 TOWER = "image_encoder"  # the parameter scope layer_decay's rules know (param_rules.TOWERS)
 # The evaluation config keys `finetune` takes as keyword arguments.
@@ -214,7 +214,7 @@ def round_batch(batch_size: int, mesh: Any = None, axis: str = "data") -> int:
 def _put(tree: Any, mesh: Any, batch: bool) -> Any:
     if mesh is None:
         return jax.device_put(tree)
-    from mmssl_jax import parallel
+    from mmssl_jax.parallel import mesh as parallel
 
     sharding = parallel.batch_sharding(mesh) if batch else parallel.replicated(mesh)
     return jax.device_put(tree, sharding)

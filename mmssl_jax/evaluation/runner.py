@@ -359,7 +359,7 @@ def _tsne(call: _Call, name: str, cfg: Mapping, emb: np.ndarray, labels: np.ndar
 
 
 def _eval_zero_shot(call, name, cfg, encoder, rows, artifacts) -> dict[str, float]:
-    from mmssl_jax.evaluation.templates import load_templates, prompts_for
+    from input_pipeline.templates import load_templates, prompts_for
 
     arrays = load_arrays(name, cfg, "shards")
     keep = _need_labels(name, "shards", arrays)

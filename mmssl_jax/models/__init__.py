@@ -1,6 +1,6 @@
 """Flax encoders and heads, selected by name from a registry."""
 
-from mmssl_jax.models.heads import Projection, SimCLRHead
+from mmssl_jax.models.heads import MLPHead, Projection, simclr_head
 from mmssl_jax.models.model import MultimodalModel
 from mmssl_jax.models.registry import (
     IMAGE_ENCODERS,
@@ -19,10 +19,11 @@ __all__ = [
     "MultimodalModel",
     "Projection",
     "ResNet",
-    "SimCLRHead",
+    "MLPHead",
     "TextTransformer",
     "VisionTransformer",
     "build_model",
     "get_image_encoder",
     "get_text_encoder",
+    "simclr_head",
 ]

@@ -18,16 +18,22 @@ Embeddings (`emb`, `ssl_project`) are returned in float32 for the losses; `featu
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmssl_jax.models.heads import MLPHead, Projection, SimCLRHead
+from mmssl_jax.models.heads import MLPHead, Projection
 from mmssl_jax.models.vit import Dtype
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_BIAS_INIT = -10.0
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """Rows scaled to unit L2 norm (zero rows stay zero): embeddings for cosine retrieval."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class MultimodalModel(nn.Module):
@@ -37,26 +43,23 @@ class MultimodalModel(nn.Module):
       image_encoder: a registry image encoder (`__call__(images, train) -> dict`).
       text_encoder: a registry text encoder, or None for image-only (SimCLR) training.
       embed_dim: joint embedding size of both projections.
-      ssl_head: a `SimCLRHead` applied to the raw image feature, or None.
+      ssl_head: SLIP's SimCLR MLP (`heads.simclr_head`) on the raw image feature, or None.
       max_logit_scale: `__call__` returns `exp(min(logit_scale, log(max_logit_scale)))`.
       dtype: compute dtype of the projections; `param_dtype` the storage dtype.
-      topic_head: an `MLPHead` from the raw image feature to the K topic logits (text-topic
-        supervision), or None.
-      rotation_head: an `MLPHead` from the raw image feature to 4 rotation logits, or None.
-      predictor: MoCo v3's predictor `MLPHead` on the `ssl_head` output, or None.
-    The three optional heads default to None, which keeps the parameter tree unchanged.
+      heads: the objectives' extra heads as `(name, input, MLPHead fields)` triples, built
+        by `extra_heads.head_specs` (topic_head, rotation_head, predictor, or one a user
+        registers there). `input` is "feature" (the raw image feature) or "ssl" (the
+        `ssl_head` output); each head's parameters live under its own name.
     """
 
     image_encoder: nn.Module
     text_encoder: nn.Module | None = None
     embed_dim: int = 512
-    ssl_head: SimCLRHead | None = None
+    ssl_head: MLPHead | None = None
     max_logit_scale: float = 100.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    topic_head: MLPHead | None = None
-    rotation_head: MLPHead | None = None
-    predictor: MLPHead | None = None
+    heads: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...] = ()
 
     def setup(self) -> None:
         proj = lambda: Projection(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -69,6 +72,23 @@ class MultimodalModel(nn.Module):
         self.logit_bias = self.param(
             "logit_bias", nn.initializers.constant(LOGIT_BIAS_INIT), (), self.param_dtype
         )
+        for name, _, fields in self.heads:  # submodules named by the head's own name
+            kw = {"dtype": self.dtype, "param_dtype": self.param_dtype, **dict(fields)}
+            setattr(self, name, MLPHead(**kw))
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """Names of the extra heads this model has."""
+        return tuple(name for name, _, _ in self.heads)
+
+    def has_head(self, name: str) -> bool:
+        return name in self.head_names
+
+    def apply_head(self, name: str, x: jax.Array, train: bool = False) -> jax.Array:
+        """Extra head `name` on `x` (its input, see `heads`): float32 logits."""
+        if not self.has_head(name):
+            raise ValueError(f"this model has no head {name!r}; it has {self.head_names}")
+        return getattr(self, name)(x, train=train).astype(jnp.float32)
 
     def encode_image(self, images: jax.Array, train: bool = False) -> dict:
         """`{"emb": [B, embed_dim] float32 (unnormalised), "feature", "blocks"}`."""
@@ -95,24 +115,6 @@ class MultimodalModel(nn.Module):
             raise ValueError("this model has no ssl_head")
         return self.ssl_head(feature, train=train).astype(jnp.float32)
 
-    def predict_topics(self, feature: jax.Array, train: bool = False) -> jax.Array:
-        """Topic logits `[B, K]` float32 from a raw image feature (`topic_head`)."""
-        if self.topic_head is None:
-            raise ValueError("this model has no topic_head")
-        return self.topic_head(feature, train=train).astype(jnp.float32)
-
-    def predict_rotation(self, feature: jax.Array, train: bool = False) -> jax.Array:
-        """Rotation logits `[B, 4]` float32 from a raw image feature (`rotation_head`)."""
-        if self.rotation_head is None:
-            raise ValueError("this model has no rotation_head")
-        return self.rotation_head(feature, train=train).astype(jnp.float32)
-
-    def predict_ssl(self, z: jax.Array, train: bool = False) -> jax.Array:
-        """MoCo v3 query `[B, out]` float32: the predictor on an `ssl_head` output."""
-        if self.predictor is None:
-            raise ValueError("this model has no predictor")
-        return self.predictor(z, train=train).astype(jnp.float32)
-
     def scales(self) -> tuple[jax.Array, jax.Array]:
         """`(exp(logit_scale) clamped to max_logit_scale, logit_bias)`, float32 scalars."""
         log_max = math.log(self.max_logit_scale)
@@ -125,8 +127,8 @@ class MultimodalModel(nn.Module):
         """Runs every part once (so `init` creates all params).
 
         Returns `image_emb`, `image_feature`, `logit_scale` (exponentiated, clamped),
-        `logit_bias`, plus `text_emb` with a text encoder, `ssl` with an ssl_head, and
-        `topic_pred` / `rot_logits` / `ssl_pred` with the optional heads.
+        `logit_bias`, plus `text_emb` with a text encoder, `ssl` with an ssl_head, and one
+        entry per extra head, under the head's name.
         """
         image = self.encode_image(images, train=train)
         scale, bias = self.scales()
@@ -142,12 +144,9 @@ class MultimodalModel(nn.Module):
             out["text_emb"] = self.encode_text(tokens, train=train)["emb"]
         if self.ssl_head is not None:
             out["ssl"] = self.ssl_project_feature(image["feature"], train=train)
-        if self.topic_head is not None:
-            out["topic_pred"] = self.predict_topics(image["feature"], train=train)
-        if self.rotation_head is not None:
-            out["rot_logits"] = self.predict_rotation(image["feature"], train=train)
-        if self.predictor is not None:
-            if self.ssl_head is None:
-                raise ValueError("a MoCo v3 predictor needs an ssl_head (the projector)")
-            out["ssl_pred"] = self.predict_ssl(out["ssl"], train=train)
+        for name, source, _ in self.heads:
+            if source == "ssl" and self.ssl_head is None:
+                raise ValueError(f"head {name!r} reads the ssl_head output; set model.ssl_head")
+            x = out["ssl"] if source == "ssl" else image["feature"]
+            out[name] = self.apply_head(name, x, train=train)
         return out

@@ -13,8 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmssl_jax.models.extra_heads import heads_from_config
-from mmssl_jax.models.heads import SimCLRHead
+from mmssl_jax.models.extra_heads import head_specs
+from mmssl_jax.models.heads import simclr_head
 from mmssl_jax.models.model import MultimodalModel
 from mmssl_jax.models.resnet import ResNet
 from mmssl_jax.models.text import TextTransformer
@@ -84,7 +84,7 @@ def build_model(cfg: Any) -> MultimodalModel:
       text_encoder (str | None, default None): a name in `TEXT_ENCODERS`; None = image only.
       vocab_size (int): the tokenizer's vocabulary size; required (> 0) with a text encoder.
       embed_dim (int, default 512): joint embedding size.
-      ssl_head (mapping | None, default None): `SimCLRHead` fields, e.g. hidden/out/norm.
+      ssl_head (mapping | None, default None): `simclr_head` fields, e.g. hidden/out/norm.
       dtype (str, default "float32"): compute dtype everywhere; params stay float32.
       remat (bool, default False): rematerialise transformer blocks (ViT and text).
       attention_impl (str | None): `jax.nn.dot_product_attention`'s implementation for both
@@ -93,9 +93,9 @@ def build_model(cfg: Any) -> MultimodalModel:
         that field (ViT `image_size`, text `context_length`); absent or None keeps the table's.
       image_overrides / text_overrides (mapping, default {}): any encoder fields to replace,
         e.g. {"depth": 6, "patch_size": 4}; these win over the keys above.
-      topic_head / rotation_head / predictor (mapping, optional): the extra heads of the
-        topic, rotation and MoCo v3 objectives (see `extra_heads`), so that export and
-        conversion rebuild exactly the trained model.
+      topic_head / rotation_head / predictor / any registered head (mapping, optional):
+        the objectives' extra heads (see `extra_heads`), so that export and conversion
+        rebuild exactly the trained model.
     """
     dtype = _dtype(cfg.get("dtype", "float32"))
     shared = {
@@ -129,12 +129,12 @@ def build_model(cfg: Any) -> MultimodalModel:
             text_name, int(vocab_size), **encoder_kwargs(text_cls, "text_overrides")
         )
     head_cfg = cfg.get("ssl_head")
-    head = SimCLRHead(**{"dtype": dtype, **dict(head_cfg)}) if head_cfg else None
+    head = simclr_head(**{"dtype": dtype, **dict(head_cfg)}) if head_cfg else None
     return MultimodalModel(
         image_encoder=image,
         text_encoder=text,
         embed_dim=int(cfg.get("embed_dim", 512)),
         ssl_head=head,
         dtype=dtype,
-        **heads_from_config(cfg, dtype),
+        heads=head_specs(cfg),
     )

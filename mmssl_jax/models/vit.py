@@ -206,7 +206,7 @@ class VisionTransformer(nn.Module):
     `remat=True` rematerialises each block in the backward pass (less memory, ~30% more FLOPs).
 
     The defaults are timm's ViT (SLIP). OpenAI CLIP / open_clip ViTs (converted by
-    `mmssl_jax.convert_torch`) set `ln_pre=True` (LayerNorm `ln_pre` after the position
+    `mmssl_jax.export.convert_torch`) set `ln_pre=True` (LayerNorm `ln_pre` after the position
     embedding), `patch_bias=False`, `ln_eps=1e-5` and `act="quick_gelu"` (OpenAI weights) or
     "gelu" (open_clip's own); their `ln_post` is `norm` and `proj` the model's image projection.
     """

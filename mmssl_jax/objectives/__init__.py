@@ -1,4 +1,8 @@
-"""Loss terms: one masked contrastive core, the named terms, and their weighted sum."""
+"""Loss terms: one masked contrastive core, the named terms, and their weighted sum.
+
+Importing the package registers every built-in term (each in its own file) and the model
+outputs they read (objectives/outputs.py).
+"""
 
 from mmssl_jax.objectives.contrastive import (
     clip_loss,
@@ -13,7 +17,9 @@ from mmssl_jax.objectives.gdt import gdt_loss
 from mmssl_jax.objectives.mocov3 import mocov3_loss
 from mmssl_jax.objectives.registry import (
     Term,
+    batch_keys,
     get_term,
+    model_parts,
     needed_inputs,
     register_term,
     term_names,
@@ -31,6 +37,7 @@ from mmssl_jax.objectives.topics import (
 
 __all__ = [
     "Term",
+    "batch_keys",
     "clip_loss",
     "column_offset",
     "gather_rows",
@@ -39,6 +46,7 @@ __all__ = [
     "get_term",
     "masked_contrastive",
     "mocov3_loss",
+    "model_parts",
     "needed_inputs",
     "register_term",
     "rotate_batch",

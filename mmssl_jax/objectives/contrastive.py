@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmssl_jax.objectives import core
+from mmssl_jax.objectives.registry import register_term
 
 
 def _same_id(rows: jax.Array, cols: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -191,3 +192,49 @@ def gdt_masks(
     positives = same_sample if invariant else identical
     valid = ~identical if exclude_identical else jnp.ones(same_sample.shape, bool)
     return positives & valid, valid
+
+
+# ---- registered terms -------------------------------------------------------------------
+
+
+@register_term("clip", {"image_emb", "text_emb", "logit_scale"})
+def _clip(outputs, axis_name, *, chunk_size: int | None = None):
+    return clip_loss(
+        outputs["image_emb"],
+        outputs["text_emb"],
+        outputs["logit_scale"],
+        axis_name=axis_name,
+        chunk_size=chunk_size,
+    )
+
+
+@register_term("simclr", {"ssl_a", "ssl_b"})
+def _simclr(outputs, axis_name, *, temperature: float = 0.1, chunk_size: int | None = None):
+    return simclr_loss(
+        outputs["ssl_a"],
+        outputs["ssl_b"],
+        temperature,
+        axis_name=axis_name,
+        chunk_size=chunk_size,
+    )
+
+
+@register_term("unicl", {"image_emb", "text_emb", "label", "logit_scale"})
+def _unicl(outputs, axis_name, *, chunk_size: int | None = None):
+    return unicl_loss(
+        outputs["image_emb"],
+        outputs["text_emb"],
+        outputs["label"],
+        outputs["logit_scale"],
+        axis_name=axis_name,
+        chunk_size=chunk_size,
+    )
+
+
+@register_term("supcon", {"ssl_a", "ssl_b", "label"})
+def _supcon(outputs, axis_name, *, temperature: float = 0.1, chunk_size: int | None = None):
+    """SupCon over the two SSL views (stacked [n, 2, d]); label -1 = instance only."""
+    views = jnp.stack([outputs["ssl_a"], outputs["ssl_b"]], axis=1)
+    return supcon_loss(
+        views, outputs["label"], temperature, axis_name=axis_name, chunk_size=chunk_size
+    )

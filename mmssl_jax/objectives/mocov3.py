@@ -6,7 +6,7 @@ a predictor gives the queries, and a symmetric InfoNCE matches them over the glo
 
 as MoCo v3's `contrastive_loss` (the 2T factor is theirs: it keeps the gradient scale
 independent of T). The keys come from the momentum (EMA) encoder and projector
-(`mmssl_jax/momentum.py`); they are stop-gradient here as well, and all-gathered over the
+(`mmssl_jax/training/momentum.py`); they are stop-gradient here as well, and all-gathered over the
 data axis so each query sees the N keys of the global batch (MoCo v3's concat_all_gather).
 Temperature 0.2 as MoCo v3's ViT recipe.
 """
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mmssl_jax.objectives import core
+from mmssl_jax.objectives.outputs import register_output
 from mmssl_jax.objectives.registry import register_term
 
 
@@ -56,6 +57,24 @@ def mocov3_loss(
     loss_ba, _ = _ctr(q_b, k_a, temperature, axis_name, chunk_size)
     loss = loss_ab + loss_ba
     return loss, {"loss": loss, "acc": acc}
+
+
+# Queries: MoCo v3's predictor on the projector (ssl_head) outputs. Keys: the momentum
+# encoder + projector on the same augmented views, without gradient.
+for _v in ("a", "b"):
+    register_output(
+        f"pred_{_v}",
+        lambda f, v=_v: f.module.apply_head("predictor", f.get(f"ssl_{v}"), train=f.train),
+        inputs=(f"ssl_{_v}",),
+        parts=("predictor",),
+    )
+    register_output(
+        f"key_{_v}",
+        lambda f, v=_v: f.module.ssl_project_feature(f.feature(f"view_{v}"), train=f.train),
+        views=(f"view_{_v}",),
+        parts=("ssl_head",),
+        momentum=True,
+    )
 
 
 @register_term("mocov3", {"pred_a", "pred_b", "key_a", "key_b"})

@@ -4,9 +4,11 @@ A config lists terms with weights (and optional options):
 
     config.objectives = [("clip", 1.0), ("simclr", 1.0, {"temperature": 0.1})]   # SLIP
 
-Each term reads the model outputs it `needs` (keys: image_emb, text_emb, logit_scale
-(exponentiated), logit_bias, ssl_a, ssl_b, label, index) and returns (loss, metrics).
-`needed_inputs` tells the pipeline and the model what to compute at all.
+Each term reads the model outputs it `needs` (declared in objectives/outputs.py: image_emb,
+text_emb, logit_scale (exponentiated), logit_bias, ssl_a, ssl_b, label, index, ...) and
+returns (loss, metrics). `needed_inputs` tells the step what to compute at all, `batch_keys`
+what the pipeline must deliver, and `model_parts` which towers and heads the config builds.
+A term lives in its own file with its loss function and its registration.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from mmssl_jax.objectives.contrastive import clip_loss, simclr_loss, supcon_loss, unicl_loss
-from mmssl_jax.objectives.siglip import siglip_loss
+from mmssl_jax.objectives import outputs as outputs_lib
 
 Metrics = dict[str, jax.Array]
 TermFn = Callable[[Mapping[str, jax.Array], str | None], tuple[jax.Array, Metrics]]
@@ -56,6 +57,8 @@ def register_term(
     """
 
     def decorate(fn: Callable) -> Callable:
+        for key in needs:
+            outputs_lib.output(key)  # an unknown output is an error here, not at step time
         if name in _TERMS:
             raise ValueError(f"objective term {name!r} is already registered")
         _TERMS[name] = Term(name, frozenset(needs), fn, needs_fn)
@@ -159,59 +162,11 @@ def total_loss(
     return sharded(inputs)
 
 
-# ---- the built-in terms -------------------------------------------------------------------
+def batch_keys(terms: Sequence[TermSpec]) -> set[str]:
+    """The batch arrays the pipeline must produce for these terms."""
+    return outputs_lib.batch_keys(needed_inputs(terms))
 
 
-@register_term("clip", {"image_emb", "text_emb", "logit_scale"})
-def _clip(outputs, axis_name, *, chunk_size: int | None = None):
-    return clip_loss(
-        outputs["image_emb"],
-        outputs["text_emb"],
-        outputs["logit_scale"],
-        axis_name=axis_name,
-        chunk_size=chunk_size,
-    )
-
-
-@register_term("simclr", {"ssl_a", "ssl_b"})
-def _simclr(outputs, axis_name, *, temperature: float = 0.1, chunk_size: int | None = None):
-    return simclr_loss(
-        outputs["ssl_a"],
-        outputs["ssl_b"],
-        temperature,
-        axis_name=axis_name,
-        chunk_size=chunk_size,
-    )
-
-
-@register_term("unicl", {"image_emb", "text_emb", "label", "logit_scale"})
-def _unicl(outputs, axis_name, *, chunk_size: int | None = None):
-    return unicl_loss(
-        outputs["image_emb"],
-        outputs["text_emb"],
-        outputs["label"],
-        outputs["logit_scale"],
-        axis_name=axis_name,
-        chunk_size=chunk_size,
-    )
-
-
-@register_term("siglip", {"image_emb", "text_emb", "logit_scale", "logit_bias"})
-def _siglip(outputs, axis_name, *, chunk_size: int | None = None):
-    return siglip_loss(
-        outputs["image_emb"],
-        outputs["text_emb"],
-        outputs["logit_scale"],
-        outputs["logit_bias"],
-        axis_name=axis_name,
-        chunk_size=chunk_size,
-    )
-
-
-@register_term("supcon", {"ssl_a", "ssl_b", "label"})
-def _supcon(outputs, axis_name, *, temperature: float = 0.1, chunk_size: int | None = None):
-    """SupCon over the two SSL views (stacked [n, 2, d]); label -1 = instance only."""
-    views = jnp.stack([outputs["ssl_a"], outputs["ssl_b"]], axis=1)
-    return supcon_loss(
-        views, outputs["label"], temperature, axis_name=axis_name, chunk_size=chunk_size
-    )
+def model_parts(terms: Sequence[TermSpec]) -> set[str]:
+    """The model parts (text_encoder, ssl_head, extra heads) these terms need."""
+    return outputs_lib.model_parts(needed_inputs(terms))

@@ -12,10 +12,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from input_pipeline import augment
+from mmssl_jax.models.extra_heads import NUM_ROTATIONS
 from mmssl_jax.objectives import core
+from mmssl_jax.objectives.outputs import Forward, register_output, register_view
 from mmssl_jax.objectives.registry import register_term
-
-NUM_ROTATIONS = 4
 
 
 def rotate_one(image: jax.Array, k: jax.Array) -> jax.Array:
@@ -54,6 +55,31 @@ def rotation_loss(
     loss = core.reduce_rows(row, ones, axis_name)
     hit = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
     return loss, {"loss": loss, "acc": core.reduce_rows(hit, ones, axis_name)}
+
+
+# fold_in constant of the step key for the rotation draw (views a, b use 1, 2).
+ROTATION_KEY = 3
+
+
+def _rotated_view(f: Forward) -> jax.Array:
+    rotated, _ = rotate_batch(
+        f.batch["rotated"], jax.random.fold_in(f.key, ROTATION_KEY), f.batch["index"]
+    )
+    return augment.normalize(augment.to_float(rotated))
+
+
+register_view("rotated", _rotated_view)
+register_output(
+    "rotation",
+    lambda f: rotation_labels(jax.random.fold_in(f.key, ROTATION_KEY), f.batch["index"]),
+    views=("rotated",),
+)
+register_output(
+    "rot_logits",
+    lambda f: f.module.apply_head("rotation_head", f.feature("rotated"), train=f.train),
+    views=("rotated",),
+    parts=("rotation_head",),
+)
 
 
 @register_term("rotation", {"rot_logits", "rotation"})

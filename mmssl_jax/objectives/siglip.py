@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mmssl_jax.objectives import core
+from mmssl_jax.objectives.registry import register_term
 
 
 def _pair_sum(img, txt, scale, bias, col_start, num_cols, positive_diagonal):
@@ -91,3 +92,15 @@ def siglip_loss(
         "scale": jnp.asarray(logit_scale, jnp.float32),
         "bias": jnp.asarray(logit_bias, jnp.float32),
     }
+
+
+@register_term("siglip", {"image_emb", "text_emb", "logit_scale", "logit_bias"})
+def _siglip(outputs, axis_name, *, chunk_size: int | None = None):
+    return siglip_loss(
+        outputs["image_emb"],
+        outputs["text_emb"],
+        outputs["logit_scale"],
+        outputs["logit_bias"],
+        axis_name=axis_name,
+        chunk_size=chunk_size,
+    )

@@ -1,7 +1,7 @@
 """Text-topic supervision: the image network predicts the topic vector of its paired text.
 
 TextTopicNet (Gomez et al. 2017; Patel et al. 2018) embeds each caption with a text model
-(LDA topics, LSA, word vectors; `input_pipeline/topics.py`) and trains the visual network
+(LDA topics, LSA, word vectors; `input_pipeline/sources/topics.py`) and trains the visual network
 to predict that vector from the image alone. Here the prediction `pred` [n, K] is a head on
 the image feature (`MultimodalModel.topic_head`) and the target `t` [n, K] comes with the
 batch (`topics`). Five losses, each `(loss, metrics)`:
@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from mmssl_jax.objectives import core
+from mmssl_jax.objectives.outputs import register_output
 from mmssl_jax.objectives.registry import register_term
 
 Metrics = dict[str, jax.Array]
@@ -178,6 +179,14 @@ def topic_contrastive_loss(
 # ---- registered terms: outputs "topic_pred" (head on the image feature), "topics" (batch) ---
 
 _TOPIC_NEEDS = {"topic_pred", "topics"}
+
+register_output(
+    "topic_pred",
+    lambda f: f.module.apply_head("topic_head", f.feature("image"), train=f.train),
+    views=("image",),
+    parts=("topic_head",),
+)
+register_output("topics", lambda f: f.batch["topics"], batch_keys=("topics",))
 
 
 @register_term("topic_softmax", _TOPIC_NEEDS)

@@ -34,7 +34,7 @@ def _at_step(step: int, action) -> None:
     """Runs `action(trainer)` when the train step is called on a state at `step`."""
     import jax
 
-    from mmssl_jax import train
+    from mmssl_jax.training import trainer as train
 
     init = train.Trainer.__init__
 
@@ -66,7 +66,7 @@ def _kill_in_commit(step: int) -> None:
 
 
 def _pause(step: int) -> None:
-    from mmssl_jax import checkpoint
+    from mmssl_jax.training import checkpoint
 
     handlers = []
     install = checkpoint.PreemptionHandler.install

@@ -14,8 +14,8 @@ import jax
 import pytest
 
 from mmssl_jax import export
-from mmssl_jax.checkpoint import Checkpointer, CheckpointMismatchError
-from mmssl_jax.train import Trainer
+from mmssl_jax.training.checkpoint import Checkpointer, CheckpointMismatchError
+from mmssl_jax.training.trainer import Trainer
 from tests.faults import fault_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,8 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from mmssl_jax.checkpoint import Checkpointer, CheckpointWriteError
-from mmssl_jax.train import Trainer
+from mmssl_jax.training.checkpoint import Checkpointer, CheckpointWriteError
+from mmssl_jax.training.trainer import Trainer
 from tests.faults import fault_config
 
 # Room for keep_ckpts (3) checkpoints of the tiny model (~21 MB each) plus one being written.

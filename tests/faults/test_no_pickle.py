@@ -22,11 +22,12 @@ import jax
 import numpy as np
 import pytest
 
-from input_pipeline import topics
-from input_pipeline.tokenizer import Tokenizer
-from mmssl_jax import export, init_from
-from mmssl_jax.checkpoint import Checkpointer
-from mmssl_jax.train import Trainer
+from input_pipeline.sources import topics
+from input_pipeline.tokenizers.spm import Tokenizer
+from mmssl_jax import export
+from mmssl_jax.training import init_from
+from mmssl_jax.training.checkpoint import Checkpointer
+from mmssl_jax.training.trainer import Trainer
 from tests.faults import fault_config
 
 ROOT = Path(__file__).resolve().parents[2]

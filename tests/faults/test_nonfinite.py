@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from mmssl_jax import objectives
-from mmssl_jax.checkpoint import Checkpointer
-from mmssl_jax.metrics_writer import read_metrics
-from mmssl_jax.train import NonFiniteError, Trainer
+from mmssl_jax.training.checkpoint import Checkpointer
+from mmssl_jax.training.metrics_writer import read_metrics
+from mmssl_jax.training.trainer import NonFiniteError, Trainer
 from tests.faults import fault_config
 
 NAN_STEP = 3  # 1-based: the third update sees NaN in its batch

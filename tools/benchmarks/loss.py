@@ -44,8 +44,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mmssl_jax import objectives, parallel  # noqa: E402
+from mmssl_jax import objectives
 from mmssl_jax.objectives import core  # noqa: E402
+from mmssl_jax.parallel import mesh as parallel
 
 NUM_DEVICES = 8
 GIB = 2**30

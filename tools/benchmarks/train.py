@@ -142,8 +142,10 @@ class JaxStep:
         import jax
         import numpy as np
 
-        from mmssl_jax import optim, parallel, train
         from mmssl_jax.models.registry import build_model
+        from mmssl_jax.parallel import mesh as parallel
+        from mmssl_jax.training import optim
+        from mmssl_jax.training import trainer as train
 
         self.jax = jax
         self.config = config
@@ -188,16 +190,20 @@ class JaxStep:
         """Jitted pieces for the breakdown: augmentation only, forward, forward + backward."""
         jax = self.jax
         from input_pipeline import augment
-        from mmssl_jax import objectives, train
+        from mmssl_jax import objectives
+        from mmssl_jax.objectives import outputs as outputs_lib
 
         model, specs, mesh, aug_cfg = self.model, self.specs, self.mesh, self.aug_cfg
+
+        needed = sorted(objectives.needed_inputs(list(specs)))
+        compute = functools.partial(outputs_lib.compute, names=needed)
 
         def forward(params, batch_stats, batch, key):
             variables = {"params": params}
             if batch_stats:
                 variables["batch_stats"] = batch_stats
             outputs, _ = model.apply(
-                variables, batch, key, aug_cfg, True, method=train._forward, mutable=True
+                variables, batch, key, aug_cfg, True, method=compute, mutable=True
             )
             return objectives.total_loss(specs, outputs, mesh)[0]
 

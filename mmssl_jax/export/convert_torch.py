@@ -406,13 +406,9 @@ def convert_state_dict(
 
     The variables are checked against the shapes `build_model(config)` creates.
     """
-    from mmssl_jax.export import (
-        check_variables,
-        expected_shapes,
-        flatten_variables,
-        preprocess_spec,
-    )
+    from mmssl_jax.export.writer import preprocess_spec
     from mmssl_jax.models.registry import build_model
+    from mmssl_jax.models.saved import check_variables, expected_shapes, flatten_variables
 
     if arch == "auto":
         arch = detect_arch(state)
@@ -461,8 +457,8 @@ def convert_to_export(
     SLIP's resize and statistics). The params in the export are this codebase's tree, ready
     to fine-tune from.
     """
-    from input_pipeline.clip_bpe import ClipBpeTokenizer
-    from mmssl_jax.export import write_export
+    from input_pipeline.tokenizers.clip_bpe import ClipBpeTokenizer
+    from mmssl_jax.export.writer import write_export
 
     merges = ClipBpeTokenizer(bpe).merges_data if bpe else None  # fails before converting
     state = load_state_dict(path)

@@ -10,11 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from input_pipeline import augment
-from mmssl_jax.models.model import MultimodalModel
-
-
-def _l2(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+from mmssl_jax.models.model import MultimodalModel, l2_normalize
 
 
 class ModelEncoder:
@@ -45,7 +41,7 @@ class ModelEncoder:
     def _image_fn(self, variables, images):
         x = augment.normalize(augment.to_float(images))
         out = self.model.apply(variables, x, False, method=MultimodalModel.encode_image)
-        feats = {"emb": _l2(out["emb"]), "feature": out["feature"].astype(jnp.float32)}
+        feats = {"emb": l2_normalize(out["emb"]), "feature": out["feature"].astype(jnp.float32)}
         if self.with_blocks:
             for i, block in enumerate(out["blocks"]):
                 feats[f"block_{i}"] = block.astype(jnp.float32)
@@ -53,7 +49,7 @@ class ModelEncoder:
 
     def _text_fn(self, variables, tokens):
         out = self.model.apply(variables, tokens, False, method=MultimodalModel.encode_text)
-        return _l2(out["emb"])
+        return l2_normalize(out["emb"])
 
     def image_features(self, images: np.ndarray) -> dict[str, np.ndarray]:
         chunks = [

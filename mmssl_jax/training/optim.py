@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mmssl_jax import param_rules
+from mmssl_jax.training import param_rules
 
 
 def warmup_cosine(
@@ -46,7 +46,7 @@ def decay_mask(params: Any) -> Any:
 def scale_by_param_mults(mults_fn: Callable[[Any], Any]) -> optax.GradientTransformation:
     """Multiplies each update by a per-parameter python float from `mults_fn(updates)`.
 
-    The multipliers come from parameter paths alone (see mmssl_jax/param_rules.py), so they
+    The multipliers come from parameter paths alone (see mmssl_jax/training/param_rules.py), so they
     are constants at trace time and a multiplier of 1 costs nothing.
     """
 
@@ -106,8 +106,8 @@ def make_optimizer(
     """AdamW (+ optional global-norm clipping) from `config.optim`; returns (tx, schedule).
 
     Per-parameter controls come from the rule lists in `config.optim` (see
-    mmssl_jax/param_rules.py): `freeze` (frozen parameters get zero updates and no optimizer
-    state: `optax.multi_transform` with `set_to_zero`), `lr_mults` and `layer_decay`
+    mmssl_jax/training/param_rules.py): `freeze` (frozen parameters get zero updates and no
+    optimizer state: `optax.multi_transform` with `set_to_zero`), `lr_mults` and `layer_decay`
     (lr multipliers), `wd_mults` (weight decay; default SLIP's rule). Gradient clipping
     (`grad_clip_norm` > 0) takes the global norm over the trainable parameters only.
     """

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 
 MOMENTUM_MODULES = ("image_encoder", "ssl_head")
 # Outputs made by the momentum encoder (the train step adds them to the model outputs).
-MOMENTUM_OUTPUTS = frozenset({"key_a", "key_b"})
 
 
 def momentum_schedule(
@@ -54,8 +53,3 @@ def ema_update(ema: Mapping[str, Any], params: Mapping[str, Any], m: jax.Array) 
 def merged(params: Mapping[str, Any], ema: Mapping[str, Any]) -> dict[str, Any]:
     """`params` with the momentum subtrees swapped in, all without gradient."""
     return jax.lax.stop_gradient({**params, **ema})
-
-
-def uses_momentum(needed_outputs: set[str] | frozenset[str]) -> bool:
-    """Whether objective terms reading `needed_outputs` need a momentum encoder."""
-    return bool(MOMENTUM_OUTPUTS & set(needed_outputs))

@@ -1,4 +1,4 @@
-"""Start training from other weights (`config.init_from`), and WiSE-FT weight interpolation.
+"""Start training from other weights (`config.init_from`).
 
 `config.init_from.path` names any of:
 - an export directory (tools/export.py or tools/convert_torch.py: `params.safetensors`, its
@@ -9,23 +9,10 @@ Every model parameter must be in the file with the same shape, except those matc
 of `config.init_from.skip` (left at their fresh initialisation, e.g. a new head); the first
 one that is not is a clear error naming it. Entries the model lacks (an SSL head, a text
 tower the fine-tune does not use) are ignored and counted in the log.
-
-WiSE-FT (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): the fine-tuned
-weights interpolated with the ones fine-tuning started from,
-theta(alpha) = (1 - alpha) * theta_zero_shot + alpha * theta_fine_tuned:
-
-    python -m mmssl_jax.init_from --config=configs/finetune_tiny.py:init=WORKDIR_OR_EXPORT \\
-        --workdir=FINETUNE_DIR --output=OUT_DIR --alpha=0.5
-    python -m mmssl_jax.main --config=configs/finetune_tiny.py:init=... --workdir=OUT_DIR \\
-        --mode=eval
-
-writes OUT_DIR/checkpoints/<step> (the fine-tuned train state with interpolated parameters)
-and OUT_DIR/config.json, so evaluation and tools/export.py read it like any run.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -35,7 +22,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from mmssl_jax.param_rules import flat_params, path_of
+from mmssl_jax.training.param_rules import flat_params, path_of
 
 PARAMS_FILE = "params.safetensors"
 
@@ -131,7 +118,7 @@ def _verify_export(directory: str) -> None:
     if not os.path.exists(os.path.join(directory, "manifest.json")):
         return
     try:
-        from mmssl_jax.export import verify_export
+        from mmssl_jax.models.saved import verify_export
     except ImportError:  # the export module is optional here
         return
     verify_export(directory)
@@ -233,95 +220,7 @@ def maybe_init_from(state: Any, config: Any, state_sharding: Any) -> Any:
     params = load_init_params(cfg["path"], host, tuple(cfg.get("skip", ()) or ()))
     updates = {"params": jax.device_put(params, state_sharding.params)}
     if getattr(state, "ema_params", None) is not None:
-        from mmssl_jax import momentum
+        from mmssl_jax.training import momentum
 
         updates["ema_params"] = jax.device_put(momentum.init_ema(params), state_sharding.ema_params)
     return state.replace(**updates)
-
-
-# ----------------------------------------------------------------------------- WiSE-FT
-
-
-def interpolate(zero_shot: Any, fine_tuned: Any, alpha: float) -> Any:
-    """(1 - alpha) * zero_shot + alpha * fine_tuned, leaf by leaf (same tree structure);
-    alpha 0 gives the zero-shot weights, 1 the fine-tuned ones, exactly."""
-    if not 0.0 <= alpha <= 1.0:
-        logging.warning("WiSE-FT alpha %s is outside [0, 1]: extrapolating", alpha)
-
-    def mix(a: Any, b: Any) -> Any:
-        if alpha == 0.0:
-            return a
-        if alpha == 1.0:
-            return b
-        a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        return ((1.0 - alpha) * a32 + alpha * b32).astype(np.asarray(b).dtype)
-
-    return jax.tree.map(mix, jax.device_get(zero_shot), jax.device_get(fine_tuned))
-
-
-def wise_ft(
-    config: Any,
-    fine_tuned_workdir: str,
-    output_workdir: str,
-    alpha: float,
-    zero_shot: str | None = None,
-) -> str:
-    """Writes `output_workdir` holding the fine-tuned run's latest state with parameters
-    interpolated towards `zero_shot` (default: `config.init_from.path`, where fine-tuning
-    started). Parameters in `init_from.skip` have no zero-shot value and stay fine-tuned."""
-    from mmssl_jax.checkpoint import Checkpointer
-    from mmssl_jax.train import Trainer
-
-    zero_shot = zero_shot or config.init_from.path
-    if not zero_shot:
-        raise InitFromError("wise_ft: no zero-shot weights (set init_from.path or --zero_shot)")
-    trainer = Trainer(config, fine_tuned_workdir)
-    source = Checkpointer(fine_tuned_workdir)
-    try:
-        step = source.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {fine_tuned_workdir}; fine-tune first")
-        state = source.restore(trainer.abstract_state(), None, step)
-    finally:
-        source.close()
-    fine = jax.device_get(state.params)
-    start = load_init_params(zero_shot, fine, tuple(config.init_from.get("skip", ()) or ()))
-    mixed = interpolate(start, fine, alpha)
-    state = state.replace(params=jax.device_put(mixed, trainer.state_sharding.params))
-    os.makedirs(output_workdir, exist_ok=True)
-    out = Checkpointer(output_workdir, async_save=False)
-    try:
-        out.save(step, state, None, force=True)
-        out.wait()
-    finally:
-        out.close()
-    with open(os.path.join(output_workdir, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=2, default=str)
-    with open(os.path.join(output_workdir, "wise_ft.json"), "w") as f:
-        json.dump(
-            dict(alpha=alpha, zero_shot=zero_shot, fine_tuned=fine_tuned_workdir, step=step), f
-        )
-    logging.info("WiSE-FT alpha=%s: wrote %s/checkpoints/%d", alpha, output_workdir, step)
-    return output_workdir
-
-
-def main(argv: Sequence[str]) -> None:
-    del argv
-    from absl import flags
-
-    f = flags.FLAGS
-    wise_ft(f.config, f.workdir, f.output, f.alpha, f.zero_shot or None)
-    print(f"wrote {f.output} (alpha={f.alpha}); evaluate with --mode=eval --workdir={f.output}")
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "The fine-tuning config (configs/NAME.py).")
-    flags.DEFINE_string("workdir", None, "The fine-tuning run's workdir.")
-    flags.DEFINE_string("output", None, "Workdir to write the interpolated checkpoint to.")
-    flags.DEFINE_float("alpha", 0.5, "0: zero-shot (start) weights, 1: fine-tuned weights.")
-    flags.DEFINE_string("zero_shot", "", "Start weights (default: config.init_from.path).")
-    flags.mark_flags_as_required(["config", "workdir", "output"])
-    app.run(main)

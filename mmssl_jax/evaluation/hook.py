@@ -8,12 +8,12 @@ from typing import Any
 import jax
 from absl import logging
 
-from mmssl_jax.inference import ModelEncoder
+from mmssl_jax.evaluation.model_encoder import ModelEncoder
 
 
 def encoders_for(trainer: Any, state: Any) -> tuple[ModelEncoder, Any]:
     """(trained encoder, factory of the same architecture at random init, for baselines)."""
-    from input_pipeline.tokenizer import Tokenizer
+    from input_pipeline.tokenizers.spm import Tokenizer
 
     cfg = trainer.config
     tokenizer = Tokenizer(cfg.data.tokenizer) if trainer.model.text_encoder else None
@@ -38,10 +38,10 @@ def encoders_for(trainer: Any, state: Any) -> tuple[ModelEncoder, Any]:
 
 def evaluate_latest(trainer: Any) -> dict[str, float]:
     """Runs config.evals on the trainer's final state (or the workdir's latest checkpoint)."""
-    from mmssl_jax.checkpoint import Checkpointer
     from mmssl_jax.evaluation import plots
     from mmssl_jax.evaluation.runner import run_evals
-    from mmssl_jax.metrics_writer import read_metrics
+    from mmssl_jax.training.checkpoint import Checkpointer
+    from mmssl_jax.training.metrics_writer import read_metrics
 
     state = getattr(trainer, "state", None)
     if state is None:

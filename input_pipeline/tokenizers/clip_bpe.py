@@ -1,5 +1,5 @@
 """CLIP's byte-level BPE tokenizer, for the text towers of converted OpenAI CLIP / open_clip /
-SLIP weights (mmssl_jax/convert_torch.py). Written from the published algorithm.
+SLIP weights (mmssl_jax/export/convert_torch.py). Written from the published algorithm.
 
 Vocabulary (49408 ids): the 256 byte characters, the same 256 with the end-of-word marker
 `</w>`, one id per merge of the first 48894 merges of `bpe_simple_vocab_16e6.txt.gz` (the

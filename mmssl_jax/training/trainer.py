@@ -29,32 +29,15 @@ from absl import logging
 from tqdm import tqdm
 
 from input_pipeline import augment
-from mmssl_jax import momentum, objectives, optim, parallel
+from mmssl_jax import objectives
+from mmssl_jax.config_utils import import_extensions
 from mmssl_jax.models.model import MultimodalModel
 from mmssl_jax.models.registry import build_model
-from mmssl_jax.objectives.rotation import rotate_batch
+from mmssl_jax.objectives import outputs as outputs_lib
+from mmssl_jax.parallel import mesh as parallel
+from mmssl_jax.training import momentum, optim
 
 LOG_MAX_SCALE = math.log(100.0)
-
-# Which batch arrays produce which model outputs the objective terms read.
-OUTPUT_SOURCES = {
-    "image_emb": ("image",),
-    "text_emb": ("tokens",),
-    "ssl_a": ("view_a",),
-    "ssl_b": ("view_b",),
-    "label": ("label",),
-    "index": ("index",),
-    # Topic supervision, rotation, MoCo v3 and GDT (issue 7).
-    "topic_pred": ("image",),
-    "topics": ("topics",),
-    "rot_logits": ("rotated",),
-    "rotation": ("rotated",),
-    "pred_a": ("view_a",),
-    "pred_b": ("view_b",),
-    "key_a": ("view_a",),
-    "key_b": ("view_b",),
-    "id_hash": ("id_hash",),
-}
 
 
 class NonFiniteError(RuntimeError):
@@ -72,7 +55,7 @@ class TrainState:
     rng: jax.Array
     skipped_steps: jax.Array  # updates skipped for a non-finite loss/grad, in total
     bad_streak: jax.Array  # consecutive skipped updates up to now
-    # MoCo v3's momentum encoder (mmssl_jax/momentum.py); None unless a term needs it.
+    # MoCo v3's momentum encoder (mmssl_jax/training/momentum.py); None unless a term needs it.
     ema_params: Any = None
 
 
@@ -88,93 +71,7 @@ def term_specs(config: ml_collections.ConfigDict) -> list[tuple[str, float, dict
 
 def batch_keys_for(specs: Sequence[tuple[str, float, dict]]) -> set[str]:
     """The batch arrays the pipeline must produce for these objective terms."""
-    keys = {"index"}
-    for output in objectives.needed_inputs(list(specs)):
-        keys.update(OUTPUT_SOURCES.get(output, ()))
-    return keys
-
-
-def _forward(
-    module: MultimodalModel,
-    batch: Mapping[str, jax.Array],
-    key: jax.Array,
-    aug_cfg: Any,
-    train: bool,
-) -> dict[str, jax.Array]:
-    """Model outputs for the objective terms; run through `model.apply(method=_forward)`.
-
-    All image views share one encoder pass (the ViT has no batch statistics, so this equals
-    SLIP's three passes, with bigger matmuls); the SimCLR head runs per view as in SLIP.
-    """
-    out: dict[str, jax.Array] = {}
-    images, names = [], []
-    if "image" in batch:
-        images.append(augment.normalize(augment.to_float(batch["image"])))
-        names.append("image")
-    for i, view in enumerate(("view_a", "view_b")):
-        if view in batch:
-            images.append(_ssl_view(batch, i, key, aug_cfg))
-            names.append(view)
-    if "rotated" in batch:  # rotation prediction: turned on the device, labels from the key
-        rotated, out["rotation"] = rotate_batch(
-            batch["rotated"], jax.random.fold_in(key, ROTATION_KEY), batch["index"]
-        )
-        images.append(augment.normalize(augment.to_float(rotated)))
-        names.append("rotated")
-    if images:
-        n = images[0].shape[0]
-        enc = module.image_encoder(jnp.concatenate(images, axis=0), train=train)["feature"]
-        feats = {name: enc[i * n : (i + 1) * n] for i, name in enumerate(names)}
-        if "image" in feats:
-            out["image_emb"] = module.image_projection(feats["image"]).astype(jnp.float32)
-            if module.topic_head is not None:
-                out["topic_pred"] = module.predict_topics(feats["image"], train=train)
-        if "view_a" in feats:
-            out["ssl_a"] = module.ssl_project_feature(feats["view_a"], train=train)
-            out["ssl_b"] = module.ssl_project_feature(feats["view_b"], train=train)
-            if module.predictor is not None:  # MoCo v3 queries
-                out["pred_a"] = module.predict_ssl(out["ssl_a"], train=train)
-                out["pred_b"] = module.predict_ssl(out["ssl_b"], train=train)
-        if "rotated" in feats:
-            out["rot_logits"] = module.predict_rotation(feats["rotated"], train=train)
-    if "tokens" in batch:
-        out["text_emb"] = module.encode_text(batch["tokens"], train=train)["emb"]
-    out["logit_scale"], out["logit_bias"] = module.scales()
-    for key_name in ("label", "index", "topics", "id_hash"):
-        if key_name in batch:
-            out[key_name] = batch[key_name]
-    return out
-
-
-# fold_in offsets of the step key: SSL views use 1 and 2 (`_ssl_view`), rotation this one.
-ROTATION_KEY = 3
-
-
-def _ssl_view(batch: Mapping[str, jax.Array], i: int, key: jax.Array, aug_cfg: Any) -> jax.Array:
-    """SSL view i (0: view_a, 1: view_b) augmented on the device and normalised. `aug_cfg`
-    is one config for both views or a pair (MoCo v3's asymmetric recipe)."""
-    cfg = aug_cfg[i] if isinstance(aug_cfg, tuple | list) else aug_cfg
-    view = ("view_a", "view_b")[i]
-    k = jax.random.fold_in(key, i + 1)
-    return augment.normalize(augment.ssl_augment(batch[view], k, batch["index"], cfg))
-
-
-def _momentum_forward(
-    module: MultimodalModel,
-    batch: Mapping[str, jax.Array],
-    key: jax.Array,
-    aug_cfg: Any,
-    train: bool,
-) -> dict[str, jax.Array]:
-    """MoCo v3 keys `key_a`, `key_b`: encoder + projector (`ssl_head`) on the same augmented
-    views as `_forward`. Applied with `momentum.merged(params, ema_params)`."""
-    n = batch["view_a"].shape[0]
-    views = jnp.concatenate([_ssl_view(batch, i, key, aug_cfg) for i in (0, 1)], axis=0)
-    feats = module.image_encoder(views, train=train)["feature"]
-    return {
-        "key_a": module.ssl_project_feature(feats[:n], train=train),
-        "key_b": module.ssl_project_feature(feats[n:], train=train),
-    }
+    return objectives.batch_keys(list(specs))
 
 
 def augment_configs(config: ml_collections.ConfigDict) -> Any:
@@ -228,18 +125,15 @@ def make_train_step(
 
     `momentum_schedule` (step -> m) drives the EMA of `state.ema_params` when it is set."""
 
+    needed = sorted(objectives.needed_inputs(list(specs)))
+
     def loss_fn(params, batch_stats, batch, key, ema=None):
         variables = {"params": params}
         if batch_stats:
             variables["batch_stats"] = batch_stats
+        forward = functools.partial(outputs_lib.compute, names=needed)
         outputs, mutated = model.apply(
-            variables,
-            batch,
-            key,
-            aug_cfg,
-            True,
-            method=_forward,
-            mutable=["batch_stats"],
+            variables, batch, key, aug_cfg, True, method=forward, mutable=["batch_stats"]
         )
         if ema is not None:  # MoCo v3 keys from the momentum encoder; its BN updates dropped
             keys, _ = model.apply(
@@ -248,7 +142,7 @@ def make_train_step(
                 key,
                 aug_cfg,
                 True,
-                method=_momentum_forward,
+                method=functools.partial(forward, momentum=True),
                 mutable=["batch_stats"],
             )
             outputs = {**outputs, **jax.lax.stop_gradient(keys)}
@@ -368,7 +262,7 @@ def resolve_model_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     """The model config with vocab_size read from the tokenizer when it is -1."""
     model_cfg = ml_collections.ConfigDict(config.model.to_dict())
     if model_cfg.get("text_encoder") and model_cfg.get("vocab_size", -1) <= 0:
-        from input_pipeline.tokenizer import Tokenizer
+        from input_pipeline.tokenizers.spm import Tokenizer
 
         model_cfg.vocab_size = Tokenizer(config.data.tokenizer).vocab_size
     return model_cfg
@@ -379,7 +273,7 @@ def state_shardings(train_cfg: Mapping[str, Any], state_shape: Any, mesh: jax.sh
     if not train_cfg.get("fsdp", False):
         replicated = parallel.replicated(mesh)
         return jax.tree.map(lambda _: replicated, state_shape)
-    from mmssl_jax import sharding_rules
+    from mmssl_jax.parallel import sharding_rules
 
     min_bytes = int(float(train_cfg.get("fsdp_min_size_mb", 4.0)) * 2**20)
     return sharding_rules.state_shardings(state_shape, mesh, min_size_bytes=min_bytes)
@@ -392,6 +286,7 @@ class Trainer:
         from input_pipeline import pipeline
 
         self.config, self.workdir = config, workdir
+        import_extensions(config.get("extensions") or ())
         num_devices = config.train.num_devices if config.train.num_devices > 0 else None
         self.mesh = parallel.make_mesh(num_devices)
         parallel.check_batch_divisible(config.train.batch_size, self.mesh)
@@ -419,7 +314,9 @@ class Trainer:
         )
         replicated = parallel.replicated(self.mesh)
         # MoCo v3: a momentum encoder in the state, moved by a cosine momentum schedule.
-        self.use_ema = momentum.uses_momentum(objectives.needed_inputs(self.specs))
+        needed = objectives.needed_inputs(self.specs)
+        outputs_lib.check_model(self.model, needed, [name for name, _, _ in self.specs])
+        self.use_ema = outputs_lib.needs_momentum(needed)
         mom_cfg = config.get("momentum") or {}
         self.momentum_schedule = momentum.momentum_schedule(
             mom_cfg.get("base", 0.99), self.total_steps, mom_cfg.get("final", 1.0)
@@ -434,7 +331,7 @@ class Trainer:
         )
         self.state_shape = jax.eval_shape(init, config.seed)
         if jax.process_index() == 0:
-            from mmssl_jax.param_rules import rules_table
+            from mmssl_jax.training.param_rules import rules_table
 
             logging.info(
                 "parameter rules:\n%s",
@@ -470,7 +367,7 @@ class Trainer:
         """Restores the latest checkpoint in the workdir, or initialises."""
         latest = checkpointer.latest_step()
         if latest is None:
-            from mmssl_jax.init_from import maybe_init_from
+            from mmssl_jax.training.init_from import maybe_init_from
 
             return maybe_init_from(self._init(self.config.seed), self.config, self.state_sharding)
         logging.info("resuming from %s/%d", checkpointer.directory, latest)
@@ -486,8 +383,8 @@ class Trainer:
         `stop_at` ends this process early at that step with a checkpoint, exactly as a
         preemption would (the schedule still spans total_steps); resuming continues from it.
         """
-        from mmssl_jax.checkpoint import Checkpointer, PreemptionHandler
-        from mmssl_jax.metrics_writer import MetricWriter
+        from mmssl_jax.training.checkpoint import Checkpointer, PreemptionHandler
+        from mmssl_jax.training.metrics_writer import MetricWriter
 
         cfg = self.config.train
         is_main = jax.process_index() == 0
@@ -549,7 +446,7 @@ class Trainer:
         `distributed.barrier`); returns the compiled step and the batches, first one kept."""
         import itertools
 
-        from mmssl_jax import distributed
+        from mmssl_jax.parallel import distributed
 
         first = next(batches)
         compiled = self.train_step.lower(state, first).compile()

@@ -1,0 +1,234 @@
+"""`load_pretrained(path)`: an export directory as a host-side encoder of images and texts."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from mmssl_jax.export.writer import RESAMPLING, image_embed_fn, text_embed_fn
+from mmssl_jax.models.saved import (
+    BPE_MERGES,
+    MODEL,
+    PARAMS,
+    PREPROCESS,
+    TOKENIZER,
+    ExportError,
+    bpe_tokenizer,
+    check_bpe_model,
+    check_variables,
+    expected_shapes,
+    read_json,
+    unflatten_variables,
+    verify_export,
+)
+
+
+def _bucket(n: int, batch_size: int) -> int:
+    """Padded batch for a chunk of n: the next power of two (at least 8), at most batch_size,
+    so a few compiled shapes serve every input size."""
+    return min(batch_size, max(8, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
+
+
+def _resize_center_crop(image: np.ndarray, size: int, resize_size: int, resample: str):
+    """Short side to `resize_size`, centre crop `size` (torchvision's Resize + CenterCrop)."""
+    from input_pipeline import transforms
+
+    if resample == "bilinear":  # exactly the evaluation pipeline's transform
+        return transforms.resize_center_crop(image, size, resize_size)
+    from PIL import Image
+
+    im = Image.fromarray(image)
+    width, height = im.size
+    if width <= height:
+        new_w, new_h = resize_size, int(resize_size * height / width)
+    else:
+        new_w, new_h = int(resize_size * width / height), resize_size
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    sx, sy = width / new_w, height / new_h
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return np.asarray(im.resize((size, size), Image.Resampling.BICUBIC, box=box))
+
+
+class PretrainedModel:
+    """A loaded export: batched, jitted encoders with the export's own preprocessing.
+
+    Attributes: `model` (MultimodalModel), `variables`, `config` (model.json), `preprocess`
+    (preprocess.json), `tokenizer` (or None), `text_length`, `batch_size`.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        variables: dict[str, Any],
+        config: dict[str, Any],
+        preprocess: dict[str, Any],
+        tokenizer: Any = None,
+        batch_size: int = 256,
+    ):
+        self.model, self.config, self.preprocess = model, config, preprocess
+        self.variables = jax.device_put(variables)
+        self.tokenizer, self.batch_size = tokenizer, int(batch_size)
+        self.text_length = config.get("text_length")
+        self.image_size = int(preprocess["image_size"])
+        self._images = jax.jit(image_embed_fn(model, preprocess))
+        self._tokens = jax.jit(text_embed_fn(model)) if model.text_encoder else None
+
+    @property
+    def logit_scale(self) -> float:
+        """The InfoNCE multiplier exp(logit_scale), clamped as in training."""
+        return float(self.config["logit_scale"])
+
+    @property
+    def logit_bias(self) -> float | None:
+        return self.config.get("logit_bias")
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config["embed_dim"])
+
+    def preprocess_images(self, images: Any) -> np.ndarray:
+        """uint8 [B, H, W, 3] (or a list of [H, W, 3] of any sizes) -> uint8 [B, S, S, 3]."""
+        size = self.image_size
+        if isinstance(images, np.ndarray):
+            if images.ndim != 4:
+                raise ValueError(f"expected uint8 images [B, H, W, 3], got shape {images.shape}")
+            self._check_image(images, "images")
+            if images.shape[1:3] == (size, size):
+                return images
+            batch = list(images)
+        else:
+            batch = [np.asarray(im) for im in images]
+        out = np.empty((len(batch), self.image_size, self.image_size, 3), np.uint8)
+        for i, im in enumerate(batch):
+            self._check_image(im[None], f"images[{i}]")
+            if im.shape[:2] == (self.image_size, self.image_size):
+                out[i] = im
+            else:
+                out[i] = _resize_center_crop(
+                    im,
+                    self.image_size,
+                    max(self.image_size, self.preprocess["resize_size"]),
+                    self.preprocess["resample"],
+                )
+        return out
+
+    @staticmethod
+    def _check_image(x: np.ndarray, what: str) -> None:
+        if x.dtype != np.uint8:
+            raise TypeError(f"{what}: expected uint8 RGB in 0..255, got {x.dtype}")
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"{what}: expected [..., H, W, 3] RGB, got shape {x.shape[1:]}")
+
+    def _batched(self, fn: Callable, x: np.ndarray, batch_size: int | None) -> np.ndarray:
+        bs = int(batch_size or self.batch_size)
+        chunks = []
+        for i in range(0, len(x), bs):
+            chunk = x[i : i + bs]
+            padded = _bucket(len(chunk), bs)
+            if padded != len(chunk):
+                pad = np.zeros((padded - len(chunk), *chunk.shape[1:]), chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            chunks.append(np.asarray(fn(self.variables, chunk))[: min(bs, len(x) - i)])
+        if not chunks:
+            return np.zeros((0, self.embed_dim), np.float32)
+        return np.concatenate(chunks)
+
+    def encode_images(self, images: Any, batch_size: int | None = None) -> np.ndarray:
+        """uint8 [B, H, W, 3] of any size -> float32 [B, D], L2-normalised."""
+        return self._batched(self._images, self.preprocess_images(images), batch_size)
+
+    def encode_tokens(self, tokens: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """int32 [B, L] token ids -> float32 [B, D], L2-normalised."""
+        if self._tokens is None:
+            raise ValueError("this export has no text encoder")
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"expected int tokens [B, L], got {tokens.dtype} {tokens.shape}")
+        return self._batched(self._tokens, tokens.astype(np.int32), batch_size)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """Captions -> float32 [B, D], L2-normalised (tokenised with the export's tokenizer)."""
+        if isinstance(texts, str):
+            raise TypeError("encode_texts takes a list of strings, not one string")
+        if self._tokens is None:
+            raise ValueError("this export has no text encoder")
+        if self.tokenizer is None:
+            raise ValueError(
+                "this export has no tokenizer.model (nor CLIP BPE merges: convert with "
+                "--bpe=FILE); tokenize yourself and call encode_tokens"
+            )
+        return self.encode_tokens(self.tokenizer.encode(list(texts), self.text_length), batch_size)
+
+    def zero_shot_classifier(
+        self, classnames: Sequence[str | Sequence[str]], templates: str | Sequence[str]
+    ) -> np.ndarray:
+        """[C, D] class embeddings: per class, the mean of its L2-normalised prompt
+        embeddings (every template x synonym), renormalised (CLIP's prompt ensembling).
+        `templates` is a list of "{}" format strings or a bundled set name ("imagenet80")."""
+        from input_pipeline.templates import load_templates
+        from mmssl_jax.evaluation.zero_shot import class_embeddings
+
+        if isinstance(templates, str):
+            templates = load_templates(templates)
+        return class_embeddings(self.encode_texts, list(classnames), list(templates))
+
+
+def load_pretrained(path: str, *, batch_size: int = 256) -> PretrainedModel:
+    """Loads an export made by tools/export.py or tools/convert_torch.py.
+
+    Verifies the manifest (sha256 of every file), builds the model from model.json, and checks
+    every parameter in params.safetensors against the shapes that config builds. Raises
+    ExportError naming the file or parameter at fault.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from input_pipeline.tokenizers.spm import Tokenizer
+    from mmssl_jax.models.registry import build_model
+
+    path = os.fspath(path)
+    manifest = verify_export(path)
+    config = read_json(path, MODEL)
+    preprocess = read_json(path, PREPROCESS)
+    for key in ("model", "embed_dim", "logit_scale"):
+        if key not in config:
+            raise ExportError(f"{path}/{MODEL}: missing key {key!r}")
+    for key in ("image_size", "resize_size", "resample", "mean", "std"):
+        if key not in preprocess:
+            raise ExportError(f"{path}/{PREPROCESS}: missing key {key!r}")
+    if preprocess["resample"] not in RESAMPLING:
+        raise ExportError(f"{path}/{PREPROCESS}: unknown resample {preprocess['resample']!r}")
+    try:
+        model = build_model(config["model"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ExportError(f"{path}/{MODEL}: cannot build the model: {e}") from e
+    try:
+        flat = load_file(os.path.join(path, PARAMS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExportError(f"{path}/{PARAMS}: not a readable safetensors file: {e}") from e
+    text_length = config.get("text_length")
+    expected = expected_shapes(model, int(preprocess["image_size"]), text_length)
+    check_variables(flat, expected, where=f"{path}/{PARAMS}")
+    tokenizer = None
+    found = [name for name in (TOKENIZER, *BPE_MERGES) if name in manifest["files"]]
+    if len(found) > 1:
+        raise ExportError(f"{path}: more than one tokenizer file ({', '.join(found)})")
+    if model.text_encoder is not None and found == [TOKENIZER]:
+        with open(os.path.join(path, TOKENIZER), "rb") as f:
+            try:
+                tokenizer = Tokenizer.from_bytes(f.read())
+            except ValueError as e:
+                raise ExportError(f"{path}/{TOKENIZER}: {e}") from e
+    elif model.text_encoder is not None and found:
+        where = f"{path}/{found[0]}"
+        with open(where, "rb") as f:
+            tokenizer = bpe_tokenizer(f.read(), where)
+        check_bpe_model(model, tokenizer, where)
+    return PretrainedModel(
+        model, unflatten_variables(flat), config, preprocess, tokenizer, batch_size
+    )

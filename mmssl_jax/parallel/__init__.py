@@ -1,0 +1,1 @@
+"""Parallelism: the device mesh and batch sharding, FSDP rules, multi-process start-up."""
