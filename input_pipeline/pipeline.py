@@ -513,6 +513,7 @@ def build_train_dataset(
     *,
     global_batch_size: int,
     needs: set[str] | frozenset[str],
+    tokenizer: Tokenizer | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
@@ -520,7 +521,8 @@ def build_train_dataset(
 
     `needs`: batch keys the objective terms use (subset of BATCH_KEYS; "index"/"skipped"
     are always added). Process index/count default to JAX's. Each process yields
-    global_batch_size // process_count samples per batch.
+    global_batch_size // process_count samples per batch. `tokenizer`: the run's, when the
+    caller has it open (else `data_cfg.tokenizer` is opened).
     """
     needs = frozenset(needs) - ALWAYS_KEYS
     unknown = needs - BATCH_KEYS
@@ -530,8 +532,9 @@ def build_train_dataset(
     if global_batch_size % pc:
         raise ValueError(f"global batch {global_batch_size} not divisible by {pc} processes")
     local_batch = global_batch_size // pc
-    tokenizer = None
-    if "tokens" in needs:
+    if "tokens" not in needs:
+        tokenizer = None
+    elif tokenizer is None:
         if not data_cfg.tokenizer:
             raise ValueError("batch needs 'tokens' but config.data.tokenizer is not set")
         tokenizer = Tokenizer(data_cfg.tokenizer)
@@ -586,6 +589,7 @@ def make_train_iterator(
     *,
     global_batch_size: int,
     needs: set[str] | frozenset[str],
+    tokenizer: Tokenizer | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.DatasetIterator:
@@ -596,6 +600,7 @@ def make_train_iterator(
         data_cfg,
         global_batch_size=global_batch_size,
         needs=needs,
+        tokenizer=tokenizer,
         process_index=process_index,
         process_count=process_count,
     )

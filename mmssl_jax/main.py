@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
     distributed.initialize_from_flags()  # before anything touches devices
     import jax
 
-    from mmssl_jax.evaluation import hook as evaluation_hook
+    from mmssl_jax.evaluation import hook
     from mmssl_jax.training.trainer import Trainer
 
     config, workdir = FLAGS.config, FLAGS.workdir
@@ -62,15 +62,24 @@ def main(argv: list[str]) -> None:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, default=str)
     logging.info("devices: %s", jax.devices())
-    trainer = Trainer(config, workdir)
-    if FLAGS.mode == "train":
-        trainer.run()
+    if FLAGS.mode == "eval":  # the checkpoint and the evaluation data only
+        results = hook.evaluate_checkpoint(config, workdir)
+    else:
+        trainer = Trainer(config, workdir)
+        evaluate = hook.make_evaluate(
+            config,
+            workdir,
+            trainer.model,
+            trainer.model_cfg,
+            tokenizer=trainer.tokenizer,
+            mesh=trainer.mesh,
+        )
+        trainer.run(evaluate=evaluate)
         if getattr(trainer, "stopped_early", False):
             return  # preempted: the checkpoint is written; evaluate after the resumed run
-    results = evaluation_hook.evaluate_latest(trainer)
+        results = evaluate(trainer.state, int(jax.device_get(trainer.state.step)))
     if jax.process_index() == 0 and results:
         print("\n".join(f"{k}: {v:.4f}" for k, v in sorted(results.items())))
-
 
 if __name__ == "__main__":
     _check_overrides(sys.argv)

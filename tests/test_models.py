@@ -236,7 +236,7 @@ def test_text_init_std_matches_clip(tiny_text):
 
 @pytest.mark.parametrize("norm", ["batch", "layer", "none"])
 def test_simclr_head_each_norm(norm):
-    head = heads.SimCLRHead(hidden=32, out=8, norm=norm)
+    head = heads.simclr_head(hidden=32, out=8, norm=norm)
     x = jnp.asarray(np.random.default_rng(0).normal(2.0, 3.0, size=(6, 16)), F32)
     variables = init(head, x)
     assert ("batch_stats" in variables) == (norm == "batch")
@@ -275,7 +275,7 @@ def test_simclr_head_each_norm(norm):
 
 def test_simclr_head_rejects_unknown_norm():
     with pytest.raises(ValueError, match="norm"):
-        abstract_init(heads.SimCLRHead(hidden=4, out=2, norm="group"), jnp.ones((2, 3)))
+        abstract_init(heads.simclr_head(hidden=4, out=2, norm="group"), jnp.ones((2, 3)))
 
 
 def test_projection_is_bias_free_with_clip_init():

@@ -16,7 +16,8 @@ from mmssl_jax.models.extra_heads import attach_heads
 from mmssl_jax.models.registry import build_model
 from mmssl_jax.objectives import outputs as outputs_lib
 from mmssl_jax.training import momentum
-from mmssl_jax.training import trainer as train
+from mmssl_jax.training import state as state_lib
+from mmssl_jax.training import step as step_lib
 
 
 def _tiny_mocov3():
@@ -36,7 +37,7 @@ def test_mocov3_momentum_update_and_keys():
     model = _tiny_mocov3()
     assert model.predictor is not None and model.predictor.out == 16
     tx = optax.adamw(1e-2)
-    state = train.init_state(model, tx, 16, None, seed=0, ema=True)
+    state = state_lib.init_state(model, tx, 16, None, seed=0, ema=True)
     assert set(state.ema_params) == set(momentum.MOMENTUM_MODULES)  # no predictor
     rng = np.random.default_rng(0)
     batch = {
@@ -64,7 +65,7 @@ def test_mocov3_momentum_update_and_keys():
     schedule = momentum.momentum_schedule(0.99, total_steps=10)
     np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0.99, 0.995, 1.0])
     step = jax.jit(
-        train.make_train_step(model, tx, [("mocov3", 1.0, {})], None, aug, 1, None, schedule)
+        step_lib.make_train_step(model, tx, [("mocov3", 1.0, {})], None, aug, 1, None, schedule)
     )
     ema0 = jax.device_get(state.ema_params)
     new_state, metrics = step(state, batch)
@@ -87,7 +88,7 @@ def test_mocov3_momentum_update_and_keys():
 
 def test_mocov3_config_has_asymmetric_views_and_momentum():
     config = importlib.import_module("configs.tiny_mocov3").get_config()
-    view_a, view_b = train.augment_configs(config)
+    view_a, view_b = step_lib.augment_configs(config)
     assert (view_a.blur_prob, view_b.blur_prob) == (1.0, 0.1)
     assert (view_a.solarize_prob, view_b.solarize_prob) == (0.0, 0.2)
     assert view_a.saturation == view_b.saturation == 0.2
@@ -98,5 +99,5 @@ def test_mocov3_config_has_asymmetric_views_and_momentum():
     assert slip.model.text_encoder and slip.model.predictor
     # The existing recipes are unchanged: one augmentation config, no optional heads.
     simclr = importlib.import_module("configs.tiny_slip").get_config()
-    assert not isinstance(train.augment_configs(simclr), tuple)
+    assert not isinstance(step_lib.augment_configs(simclr), tuple)
     assert simclr.model.predictor is None and simclr.model.topic_head is None

@@ -22,7 +22,8 @@ import pytest
 from mmssl_jax.models.registry import IMAGE_ENCODERS, TEXT_ENCODERS, build_model
 from mmssl_jax.parallel import mesh as parallel
 from mmssl_jax.training import init_from, optim, param_rules, wise_ft
-from mmssl_jax.training.trainer import init_state, make_train_step, term_specs
+from mmssl_jax.training.state import init_state
+from mmssl_jax.training.step import make_train_step, term_specs
 
 FASHION = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 

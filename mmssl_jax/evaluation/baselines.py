@@ -18,13 +18,12 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from mmssl_jax.evaluation.encoder import Encoder, RawPixelEncoder, has_text
 
 RAW_PIXELS, RANDOM_INIT = "raw_pixels", "random_init"
 KINDS = (RAW_PIXELS, RANDOM_INIT)
-TEXT_TYPES = frozenset({"zero_shot", "retrieval"})  # evaluations that need a text tower
-MODEL_TYPES = frozenset({"finetune"})  # evaluations that train the tower: no raw pixels
 
 EncoderOrFactory = Encoder | Callable[[], Encoder]
 
@@ -36,8 +35,8 @@ PRESENTATION_KEYS = frozenset({"plots", "tsne", "tsne_points", "batch_size", "ba
 def fingerprint(cfg: Mapping) -> str:
     """A short stable hash of what an evaluation's numbers depend on (its cache key)."""
     skip = PRESENTATION_KEYS
-    if cfg.get("type") in MODEL_TYPES:  # fine-tuning's batch size changes what it learns
-        skip = PRESENTATION_KEYS - {"batch_size"}
+    if not cfg.get("_raw_pixels", True):  # an evaluation that trains the tower: its batch
+        skip = PRESENTATION_KEYS - {"batch_size"}  # size changes what it learns
     kept = {k: v for k, v in dict(cfg).items() if k not in skip}
     text = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
@@ -50,11 +49,12 @@ def resolve(encoder: EncoderOrFactory | None) -> Encoder | None:
     return encoder()
 
 
-def applies(kind: str, eval_type: str, encoder: Encoder | None) -> bool:
-    """Whether baseline `kind` can run evaluation `eval_type` with `encoder`."""
-    if encoder is None or (kind == RAW_PIXELS and eval_type in MODEL_TYPES):
+def applies(kind: str, evaluator: Any, encoder: Encoder | None) -> bool:
+    """Whether baseline `kind` can run an evaluation of module `evaluator` with `encoder`
+    (raw pixels only where `evaluator.RAW_PIXELS`, text evals only with a text tower)."""
+    if encoder is None or (kind == RAW_PIXELS and not evaluator.RAW_PIXELS):
         return False
-    return eval_type not in TEXT_TYPES or has_text(encoder)
+    return not evaluator.NEEDS_TEXT or has_text(encoder)
 
 
 class BaselineCache:
@@ -100,7 +100,7 @@ class BaselineCache:
 def run_baselines(
     name: str,
     cfg: Mapping,
-    eval_type: str,
+    evaluator: Any,
     run_eval: Callable[[Encoder], dict[str, float]],
     random_encoder: EncoderOrFactory | None,
     cache: BaselineCache,
@@ -111,6 +111,8 @@ def run_baselines(
     (mapping missing layers to "feature") and returns its metrics without the eval prefix."""
     out: dict[str, dict[str, float]] = {}
     cache_cfg = {**dict(cfg), "_raw_pixel_size": raw_pixel_size}
+    if not evaluator.RAW_PIXELS:
+        cache_cfg["_raw_pixels"] = False
     for kind in KINDS:
         hit = cache.get(name, cache_cfg, kind)
         if hit is not None:
@@ -121,7 +123,7 @@ def run_baselines(
         else:
             encoder = resolve(random_encoder)
             random_encoder = encoder  # build a factory's encoder once
-        if not applies(kind, eval_type, encoder):
+        if not applies(kind, evaluator, encoder):
             continue
         out[kind] = run_eval(encoder)
         cache.put(name, cache_cfg, kind, out[kind])

@@ -31,6 +31,7 @@ import optax
 from tqdm.auto import tqdm
 
 from input_pipeline import augment
+from mmssl_jax.evaluation import context
 from mmssl_jax.training import optim
 
 TOWER = "image_encoder"  # the parameter scope layer_decay's rules know (param_rules.TOWERS)
@@ -371,3 +372,44 @@ def finetune(
         model, variables, test_x, test_y, batch_size=batch_size, mesh=mesh, desc=f"{desc} test"
     )
     return FinetuneResult({"top1": metrics["top1"]}, jax.device_get(variables), losses)
+
+
+# ---- the evaluator entry (type "finetune", found by name: see runner.py) ----
+
+DEFAULTS = dict(
+    train_shards=None,
+    test_shards=None,
+    train_limit=None,
+    test_limit=None,
+    epochs=5.0,
+    lr=1e-3,
+    weight_decay=0.05,
+    layer_decay=0.0,
+    warmup_epochs=1.0,
+    crop_scale=(0.08, 1.0),
+)
+SPLITS = ("train_shards", "test_shards")  # the shard keys it reads
+NEEDS_TEXT = False  # skipped (with a warning) for an encoder without a text tower
+RAW_PIXELS = False  # whether the raw-pixel baseline applies
+TSNE = False  # t-SNE map by default
+PER_LAYER = False  # metrics are "<layer>/<metric>" rows
+
+
+def run(call, name, cfg, encoder, rows, artifacts) -> dict[str, float]:
+    """Runs the evaluation `name` (config `cfg`) on `encoder`; see the module docstring."""
+    train = context.load_arrays(name, cfg, "train_shards")
+    test = context.load_arrays(name, cfg, "test_shards")
+    tr_keep = context.need_labels(name, "train_shards", train)
+    te_keep = context.need_labels(name, "test_shards", test)
+    classnames = context.load_classnames(cfg["classnames"])
+    result = finetune(
+        encoder,
+        train["image"][tr_keep],
+        np.asarray(train["label"])[tr_keep],
+        test["image"][te_keep],
+        np.asarray(test["label"])[te_keep],
+        num_classes=len(classnames) if classnames else None,
+        **{k: cfg[k] for k in HYPER_KEYS},
+        desc=name,
+    )
+    return result.metrics

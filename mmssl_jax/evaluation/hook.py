@@ -1,69 +1,94 @@
-"""Glue between the trainer and the evaluators: encoders from a train state, then run_evals."""
+"""Evaluation of a run: encoders from model variables, then `run_evals`.
+
+`main` hands the trainer `make_evaluate(...)` as its `evaluate(state, step)` callback (the
+trainer never imports evaluation), and `--mode=eval` calls `evaluate_checkpoint`, which reads
+only the checkpoint's model variables and the evaluation data, never the training shards.
+"""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
 from absl import logging
 
 from mmssl_jax.evaluation.model_encoder import ModelEncoder
+from mmssl_jax.evaluation.runner import run_evals
+from mmssl_jax.models.registry import build_model
+from mmssl_jax.training.restore import restore_variables
+from mmssl_jax.training.state import init_variables, open_tokenizer
 
 
-def encoders_for(trainer: Any, state: Any) -> tuple[ModelEncoder, Any]:
-    """(trained encoder, factory of the same architecture at random init, for baselines)."""
-    from input_pipeline.tokenizers.spm import Tokenizer
+def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+    variables = {"params": jax.device_get(params)}
+    if batch_stats:
+        variables["batch_stats"] = jax.device_get(batch_stats)
+    return variables
 
-    cfg = trainer.config
-    tokenizer = Tokenizer(cfg.data.tokenizer) if trainer.model.text_encoder else None
-    length = trainer.model_cfg.get("context_length", cfg.data.text_length)
-    variables = {"params": jax.device_get(state.params)}
-    if state.batch_stats:
-        variables["batch_stats"] = jax.device_get(state.batch_stats)
 
-    def random_encoder() -> ModelEncoder:
-        random_state = jax.device_get(trainer._init(cfg.seed + 1))
-        random_vars = {"params": random_state.params}
-        if random_state.batch_stats:
-            random_vars["batch_stats"] = random_state.batch_stats
-        return make(random_vars)
+def make_evaluate(
+    config: Any,
+    workdir: str,
+    model: Any,
+    model_cfg: Any,
+    *,
+    tokenizer: Any = None,
+    mesh: Any = None,
+) -> Callable[[Any, int], dict[str, float]]:
+    """`evaluate(state_or_variables, step) -> metrics`: `config.evals` on the model, beside
+    raw pixels and the same architecture at random init; writes `workdir/eval/`."""
+    if tokenizer is None and model.text_encoder is not None:
+        tokenizer = open_tokenizer(config)
+    length = model_cfg.get("context_length", config.data.text_length)
+    size = getattr(model.image_encoder, "image_size", None) or config.data.image_size
+    blocks = any(e.get("layers") for e in config.evals.values()) if config.get("evals") else False
 
-    blocks = any(e.get("layers") for e in cfg.evals.values()) if cfg.get("evals") else False
-    make = lambda v: ModelEncoder(  # noqa: E731
-        trainer.model, v, tokenizer, text_length=length, with_blocks=blocks, mesh=trainer.mesh
-    )
-    return make(variables), random_encoder
+    def encoder(variables: dict[str, Any]) -> ModelEncoder:
+        return ModelEncoder(
+            model, variables, tokenizer, text_length=length, with_blocks=blocks, mesh=mesh
+        )
+
+    def random_encoder() -> ModelEncoder:  # the trainer's init with seed + 1
+        return encoder(jax.device_get(init_variables(model, size, length, config.seed + 1)))
+
+    def evaluate(state: Any, step: int) -> dict[str, float]:
+        if not config.get("evals"):
+            return {}
+        if isinstance(state, dict):
+            variables = state
+        else:
+            variables = _variables(state.params, state.batch_stats)
+        logging.info("evaluating step %d", step)
+        return run_evals(
+            config.evals,
+            encoder(variables),
+            workdir=workdir,
+            step=int(step),
+            random_encoder=random_encoder,
+        )
+
+    return evaluate
+
+
+def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None) -> dict[str, float]:
+    """`--mode=eval`: the latest (or `step`) checkpoint's model variables, evaluated."""
+    model_cfg, variables, step = restore_variables(config, workdir, step)
+    model = build_model(model_cfg)
+    return make_evaluate(config, workdir, model, model_cfg)(variables, step)
 
 
 def evaluate_latest(trainer: Any) -> dict[str, float]:
-    """Runs config.evals on the trainer's final state (or the workdir's latest checkpoint)."""
-    from mmssl_jax.evaluation import plots
-    from mmssl_jax.evaluation.runner import run_evals
-    from mmssl_jax.training.checkpoint import Checkpointer
-    from mmssl_jax.training.metrics_writer import read_metrics
-
+    """config.evals on a Trainer's final state, or on its workdir's latest checkpoint."""
     state = getattr(trainer, "state", None)
     if state is None:
-        ckpt = Checkpointer(trainer.workdir)
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(
-                f"no checkpoint in {trainer.workdir}/checkpoints to evaluate; train first"
-            )
-        state = ckpt.restore(trainer.abstract_state(), None)
-        ckpt.close()
-    step = int(jax.device_get(state.step))
-    rows = read_metrics(trainer.workdir)
-    if rows and jax.process_index() == 0:
-        plots.plot_curves(rows, os.path.join(trainer.workdir, "loss_curve.png"))
-    if not trainer.config.get("evals"):
-        return {}
-    encoder, random_encoder = encoders_for(trainer, state)
-    logging.info("evaluating step %d", step)
-    return run_evals(
-        trainer.config.evals,
-        encoder,
-        workdir=trainer.workdir,
-        step=step,
-        random_encoder=random_encoder,
+        return evaluate_checkpoint(trainer.config, trainer.workdir)
+    evaluate = make_evaluate(
+        trainer.config,
+        trainer.workdir,
+        trainer.model,
+        trainer.model_cfg,
+        tokenizer=getattr(trainer, "tokenizer", None),
+        mesh=trainer.mesh,
     )
+    return evaluate(state, int(jax.device_get(state.step)))

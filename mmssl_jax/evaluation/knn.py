@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mmssl_jax.evaluation import context
 from mmssl_jax.evaluation.encoder import l2_normalize
 
 
@@ -56,3 +57,29 @@ def knn_accuracy(
         train_x, train_y, test_x, k=k, temperature=temperature, num_classes=num_classes
     )
     return {"top1": float(np.mean(preds == np.asarray(test_y)))}
+
+
+# ---- the evaluator entry (type "knn", found by name: see runner.py) ----
+
+DEFAULTS = dict(
+    train_shards=None,
+    test_shards=None,
+    train_limit=None,
+    test_limit=None,
+    layers=("emb", "feature"),
+    k=20,
+    temperature=0.07,
+)
+SPLITS = ("train_shards", "test_shards")  # the shard keys it reads
+NEEDS_TEXT = False  # skipped (with a warning) for an encoder without a text tower
+RAW_PIXELS = True  # whether the raw-pixel baseline applies
+TSNE = False  # t-SNE map by default
+PER_LAYER = True  # metrics are "<layer>/<metric>" rows
+
+
+def run(call, name, cfg, encoder, rows, artifacts) -> dict[str, float]:
+    """Runs the evaluation `name` (config `cfg`) on `encoder`; see the module docstring."""
+    fn = lambda a, b, c, d: knn_accuracy(  # noqa: E731
+        a, b, c, d, k=cfg["k"], temperature=cfg["temperature"]
+    )
+    return context.per_layer(call, name, cfg, encoder, rows, artifacts, fn)

@@ -20,6 +20,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from mmssl_jax.evaluation import context
+
 DEFAULT_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
@@ -94,3 +96,37 @@ def linear_probe(
         "C": C,
         "val_top1": scores.get(C, float("nan")),
     }
+
+
+# ---- the evaluator entry (type "linear_probe", found by name: see runner.py) ----
+
+DEFAULTS = dict(
+    train_shards=None,
+    test_shards=None,
+    train_limit=None,
+    test_limit=None,
+    layers=("emb", "feature"),
+    Cs=DEFAULT_CS,
+    val_fraction=0.2,
+    max_iter=1000,
+)
+SPLITS = ("train_shards", "test_shards")  # the shard keys it reads
+NEEDS_TEXT = False  # skipped (with a warning) for an encoder without a text tower
+RAW_PIXELS = True  # whether the raw-pixel baseline applies
+TSNE = True  # t-SNE map by default
+PER_LAYER = True  # metrics are "<layer>/<metric>" rows
+
+
+def run(call, name, cfg, encoder, rows, artifacts) -> dict[str, float]:
+    """Runs the evaluation `name` (config `cfg`) on `encoder`; see the module docstring."""
+    fn = lambda a, b, c, d: linear_probe(  # noqa: E731
+        a,
+        b,
+        c,
+        d,
+        Cs=cfg["Cs"],
+        val_fraction=cfg["val_fraction"],
+        seed=cfg["seed"],
+        max_iter=cfg["max_iter"],
+    )
+    return context.per_layer(call, name, cfg, encoder, rows, artifacts, fn)

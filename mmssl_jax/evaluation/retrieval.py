@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mmssl_jax.evaluation import context
 from mmssl_jax.evaluation.encoder import l2_normalize
 
 
@@ -120,3 +121,34 @@ def flatten_captions(captions: Sequence[str | Sequence[str]]) -> tuple[list[str]
         texts.extend(caps)
         owner.extend([i] * len(caps))
     return texts, np.asarray(owner, np.int64)
+
+
+# ---- the evaluator entry (type "retrieval", found by name: see runner.py) ----
+
+DEFAULTS = dict(shards=None, ks=(1, 5, 10), class_relevance=True)
+SPLITS = ("shards",)  # the shard keys it reads
+NEEDS_TEXT = True  # skipped (with a warning) for an encoder without a text tower
+RAW_PIXELS = True  # whether the raw-pixel baseline applies
+TSNE = False  # t-SNE map by default
+PER_LAYER = False  # metrics are "<layer>/<metric>" rows
+
+
+def run(call, name, cfg, encoder, rows, artifacts) -> dict[str, float]:
+    """Runs the evaluation `name` (config `cfg`) on `encoder`; see the module docstring."""
+    arrays = context.load_arrays(name, cfg, "shards")
+    texts, text_to_image = flatten_captions(arrays["texts"])
+    if not texts:
+        raise ValueError(f"evals.{name}: the records of {cfg['shards']!r} carry no captions")
+    feats = call.features(encoder, arrays, cfg, f"{name} images")
+    if "emb" not in feats:
+        raise ValueError(f"evals.{name}: retrieval needs the encoder's 'emb' output")
+    text_emb = call.texts(encoder, texts, cfg, ("captions", id(arrays)))
+    labels = np.asarray(arrays["label"])
+    use_classes = cfg["class_relevance"] and bool((labels >= 0).any())
+    return retrieval_metrics(
+        feats["emb"],
+        text_emb,
+        text_to_image,
+        image_labels=labels if use_classes else None,
+        ks=tuple(cfg["ks"]),
+    )

@@ -23,6 +23,8 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
+from mmssl_jax.evaluation import context
+
 DEFAULT_CS = (0.01, 0.1, 1.0, 10.0)
 
 
@@ -111,3 +113,32 @@ def svm_map(
         raise ValueError("svm_map: no class has both positives and negatives in train and test")
     metrics = {"mAP": float(np.mean(ap[scored])), "num_classes": float(scored.sum())}
     return SvmMapResult(metrics, ap, costs)
+
+
+# ---- the evaluator entry (type "svm_map", found by name: see runner.py) ----
+
+DEFAULTS = dict(
+    train_shards=None,
+    test_shards=None,
+    train_limit=None,
+    test_limit=None,
+    layers=("emb", "feature"),
+    Cs=DEFAULT_CS,
+    folds=3,
+    max_iter=2000,
+)
+SPLITS = ("train_shards", "test_shards")  # the shard keys it reads
+NEEDS_TEXT = False  # skipped (with a warning) for an encoder without a text tower
+RAW_PIXELS = True  # whether the raw-pixel baseline applies
+TSNE = False  # t-SNE map by default
+PER_LAYER = True  # metrics are "<layer>/<metric>" rows
+
+
+def run(call, name, cfg, encoder, rows, artifacts) -> dict[str, float]:
+    """Runs the evaluation `name` (config `cfg`) on `encoder`; see the module docstring."""
+    fn = lambda a, b, c, d: (
+        svm_map(  # noqa: E731
+            a, b, c, d, Cs=cfg["Cs"], folds=cfg["folds"], seed=cfg["seed"], max_iter=cfg["max_iter"]
+        ).metrics
+    )
+    return context.per_layer(call, name, cfg, encoder, rows, artifacts, fn)

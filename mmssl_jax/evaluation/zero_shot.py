@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from input_pipeline.templates import load_templates, prompts_for
+from mmssl_jax.evaluation import context
 from mmssl_jax.evaluation.encoder import l2_normalize
 
 ClassName = str | Sequence[str]  # one name, or a list of synonyms
@@ -96,3 +98,46 @@ def evaluate(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray) -
         "mean_per_class": mean_per_class_accuracy(labels, predictions),
     }
     return ZeroShotResult(metrics, predictions, logits)
+
+
+# ---- the evaluator entry (type "zero_shot", found by name: see runner.py) ----
+
+DEFAULTS = dict(shards=None, templates="simple")
+SPLITS = ("shards",)  # the shard keys it reads
+NEEDS_TEXT = True  # skipped (with a warning) for an encoder without a text tower
+RAW_PIXELS = True  # whether the raw-pixel baseline applies
+TSNE = True  # t-SNE map by default
+PER_LAYER = False  # metrics are "<layer>/<metric>" rows
+
+
+def run(call, name, cfg, encoder, rows, artifacts) -> dict[str, float]:
+    """Runs the evaluation `name` (config `cfg`) on `encoder`; see the module docstring."""
+    arrays = context.load_arrays(name, cfg, "shards")
+    keep = context.need_labels(name, "shards", arrays)
+    feats = call.features(encoder, arrays, cfg, f"{name} images")
+    if "emb" not in feats:
+        raise ValueError(f"evals.{name}: zero-shot needs the encoder's 'emb' output")
+    classnames = context.load_classnames(cfg["classnames"])
+    templates = load_templates(cfg["templates"])
+    class_emb = class_embeddings(
+        lambda texts: call.texts(encoder, texts, cfg, ("classes", cfg["classnames"], tuple(texts))),
+        classnames,
+        templates,
+        prompts_for,
+    )
+    labels = np.asarray(arrays["label"])[keep]
+    result = evaluate(feats["emb"][keep], class_emb, labels)
+    if artifacts and call.write and cfg["plots"]:
+        from mmssl_jax.evaluation import plots
+
+        cm = confusion_matrix(labels, result.predictions, len(classnames))
+        call.add_plot(
+            plots.plot_confusion_matrix(
+                cm,
+                classnames,
+                call.plot_path(name, "confusion"),
+                title=f"{name}: zero-shot confusion (step {call.step})",
+            )
+        )
+        context.tsne(call, name, cfg, feats["emb"][keep], labels)
+    return result.metrics

@@ -47,7 +47,7 @@ def restore_variables(config: Any, workdir: str, step: int | None = None) -> tup
 
     from mmssl_jax.models.registry import build_model
     from mmssl_jax.training.checkpoint import CheckpointMismatchError
-    from mmssl_jax.training.trainer import resolve_model_config
+    from mmssl_jax.training.state import resolve_model_config
 
     ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
     if not os.path.isdir(ckpt_dir):

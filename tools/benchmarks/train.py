@@ -8,7 +8,7 @@ Cases (dims from configs/ and mmssl_jax/models/registry.py, nothing copied by ha
 - `vits_slip`: configs/slip_vits.py (ViT-S/16 at 224 px, CLIP text w512 d12 ctx 77 vocab
   49408, SimCLR head 4096-4096-256 with BatchNorm), batch 8.
 
-JAX: `train.make_train_step` (the Trainer's step: device augmentation of the two uint8 SSL
+JAX: `step_lib.make_train_step` (the Trainer's step: device augmentation of the two uint8 SSL
 views, one encoder pass over all image views, CLIP + SimCLR terms under shard_map on a
 1-device mesh, AdamW, logit-scale clamp, non-finite guard) jitted with donation, on
 synthetic uint8 images / int32 tokens already on the device (the input pipeline is
@@ -145,19 +145,20 @@ class JaxStep:
         from mmssl_jax.models.registry import build_model
         from mmssl_jax.parallel import mesh as parallel
         from mmssl_jax.training import optim
-        from mmssl_jax.training import trainer as train
+        from mmssl_jax.training import state as state_lib
+        from mmssl_jax.training import step as step_lib
 
         self.jax = jax
         self.config = config
         self.model = build_model(config.model)
         self.tx, _ = optim.make_optimizer(config.optim, total_steps=10_000, steps_per_epoch=1_000)
-        self.specs = train.term_specs(config)
+        self.specs = step_lib.term_specs(config)
         self.mesh = parallel.make_mesh(1)
-        self.aug_cfg = train.augment_configs(config)
+        self.aug_cfg = step_lib.augment_configs(config)
         size, length = int(config.data.image_size), int(config.model.context_length)
         batch = int(config.train.batch_size)
         rng = np.random.default_rng(seed)
-        keys = train.batch_keys_for(self.specs)
+        keys = step_lib.batch_keys_for(self.specs)
         host = {"index": np.arange(batch, dtype=np.int32)}
         for k in ("image", "view_a", "view_b"):
             if k in keys:
@@ -165,11 +166,11 @@ class JaxStep:
         if "tokens" in keys:
             host["tokens"] = synthetic_tokens(rng, batch, length, int(config.model.vocab_size))
         self.batch = jax.device_put(host)
-        init = functools.partial(train.init_state, self.model, self.tx, size, length)
+        init = functools.partial(state_lib.init_state, self.model, self.tx, size, length)
         self._init = jax.jit(init)
         self.seed = seed
         self.state = self._init(seed)
-        step = train.make_train_step(self.model, self.tx, self.specs, self.mesh, self.aug_cfg)
+        step = step_lib.make_train_step(self.model, self.tx, self.specs, self.mesh, self.aug_cfg)
         t0 = time.perf_counter()
         lowered = jax.jit(step, donate_argnums=0).lower(self.state, self.batch)
         self.compiled = lowered.compile(compiler_options=compiler_options or None)

@@ -1,0 +1,234 @@
+"""What every evaluator shares: the per-call state (features, texts, plots), eval arrays,
+shard lookup, label checks, per-layer runs and t-SNE maps.
+
+An evaluator is one module (see runner.py) whose `run(call, name, cfg, encoder, rows,
+artifacts)` uses these helpers.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from mmssl_jax.evaluation.encoder import Encoder, encode_images, encode_texts
+
+BUILD_HINT = (
+    "Build the embedded default's shards with `python tools/make_shards.py embedded "
+    "--output_dir data` (MMSSL_DATA or the config's data= argument sets the root); other "
+    "datasets with `python tools/make_shards.py folder|tfds ...` (see the README)."
+)
+
+COMMON = dict(
+    type=None,
+    image_size=224,
+    resize_size=None,
+    limit=None,
+    batch_size=256,
+    baselines=True,
+    raw_pixel_size=32,
+    plots=True,
+    tsne=None,
+    tsne_points=1000,
+    seed=0,
+    classnames=None,
+)
+
+_ARRAYS: dict[tuple, dict] = {}  # eval arrays, per process: they do not change in training
+
+
+def shard_paths(name: str, key: str, pattern: str | Sequence[str]) -> list[str]:
+    """The shard files of evals.<name>.<key>; a clear FileNotFoundError when there are none."""
+    patterns = pattern.split(",") if isinstance(pattern, str) else list(pattern)
+    paths = sorted({p for pat in patterns for p in globlib.glob(pat) if not p.endswith(".idx")})
+    if not paths:
+        raise FileNotFoundError(
+            f"evals.{name}.{key}: no shard matches {pattern!r} (cwd {os.getcwd()}). {BUILD_HINT}"
+        )
+    return paths
+
+
+def load_classnames(path: str | None) -> list | None:
+    """A JSON list of class names (entries may be lists of synonyms), or None."""
+    from input_pipeline.pipeline import load_classnames as _load
+
+    return _load(path or None)
+
+
+def _limit(cfg: Mapping, key: str) -> int | None:
+    split = {"train_shards": "train_limit", "test_shards": "test_limit"}.get(key)
+    value = cfg.get(split) if split else None
+    return cfg["limit"] if value is None else value
+
+
+def load_arrays(name: str, cfg: Mapping, key: str) -> dict:
+    """The eval arrays of evals.<name>.<key>, decoded once per process."""
+    paths = shard_paths(name, key, cfg[key])
+    limit = _limit(cfg, key)
+    classnames = cfg["classnames"] or None  # bounds the labels: a mismatch fails loudly
+    cache_key = (tuple(paths), cfg["image_size"], cfg["resize_size"], limit, classnames)
+    if cache_key not in _ARRAYS:
+        from input_pipeline.pipeline import build_eval_arrays
+
+        start = time.time()
+        _ARRAYS[cache_key] = build_eval_arrays(
+            paths,
+            image_size=cfg["image_size"],
+            resize_size=cfg["resize_size"],
+            classnames=classnames,
+            limit=limit,
+        )
+        logging.info(
+            "evals.%s: loaded %d records of %s in %.1fs",
+            name,
+            len(_ARRAYS[cache_key]["label"]),
+            cfg[key],
+            time.time() - start,
+        )
+    return _ARRAYS[cache_key]
+
+
+def clear_cache() -> None:
+    """Drops the cached eval arrays (tests; a long-lived process that changed its data)."""
+    _ARRAYS.clear()
+
+
+# ----------------------------------------------------------------------------------------
+# Layers
+
+
+def block_keys(available: Sequence[str]) -> list[str]:
+    """The "block_{i}" keys in block order."""
+    blocks = [k for k in available if k.startswith("block_") and k[6:].isdigit()]
+    return sorted(blocks, key=lambda k: int(k[6:]))
+
+
+def resolve_layers(requested: Sequence[str], available: Sequence[str]) -> list[str]:
+    """The requested feature layers the encoder gives ("blocks" expands); others are logged."""
+    out: list[str] = []
+    for layer in requested:
+        names = block_keys(available) if layer == "blocks" else [layer]
+        for n in names:
+            if n in available and n not in out:
+                out.append(n)
+            elif n not in available:
+                logging.warning("layer %r not produced by the encoder (has %s)", n, available)
+    return out
+
+
+def layer_sources(rows: Sequence[str], available: Sequence[str]) -> dict[str, str]:
+    """Row name -> the feature key that feeds it; missing layers fall back to "feature"
+    (what a baseline without that layer offers: raw pixels have only "feature")."""
+    out = {}
+    for row in rows:
+        if row in available:
+            out[row] = row
+        elif "feature" in available:
+            out[row] = "feature"
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# One call
+
+
+class EvalCall:
+    """State of one run_evals call: features per (encoder, data), plots made."""
+
+    def __init__(self, workdir: str, step: int, write: bool):
+        self.workdir, self.step, self.write = workdir, step, write
+        self.plot_dir = os.path.join(workdir, "eval", "plots")
+        self.plots: list[str] = []
+        self._features: dict[tuple, dict[str, np.ndarray]] = {}
+        self._texts: dict[tuple, np.ndarray] = {}
+        self._alive: list = []  # keeps encoders alive so their id() keys stay unique
+
+    def features(self, encoder: Encoder, arrays: dict, cfg: Mapping, desc: str) -> dict:
+        key = (id(encoder), id(arrays))
+        if key not in self._features:
+            self._alive.append(encoder)
+            self._features[key] = encode_images(
+                encoder, arrays["image"], batch_size=cfg["batch_size"], desc=desc
+            )
+        return self._features[key]
+
+    def texts(self, encoder: Encoder, texts: list[str], cfg: Mapping, key: Any) -> np.ndarray:
+        key = (id(encoder), key)
+        if key not in self._texts:
+            self._alive.append(encoder)
+            self._texts[key] = encode_texts(
+                encoder, texts, batch_size=cfg["batch_size"], desc="texts"
+            )
+        return self._texts[key]
+
+    def plot_path(self, name: str, what: str) -> str:
+        return os.path.join(self.plot_dir, f"{name}_{what}_step_{self.step}.png")
+
+    def add_plot(self, path: str | None) -> None:
+        if path:
+            self.plots.append(os.path.relpath(path, os.path.join(self.workdir, "eval")))
+
+
+def labelled(arrays: dict) -> np.ndarray:
+    return np.flatnonzero(np.asarray(arrays["label"]) >= 0)
+
+
+def need_labels(name: str, key: str, arrays: dict) -> np.ndarray:
+    keep = labelled(arrays)
+    if not len(keep):
+        raise ValueError(f"evals.{name}.{key}: no labelled record (all labels are -1)")
+    return keep
+
+
+def tsne(call: EvalCall, name: str, cfg: Mapping, emb: np.ndarray, labels: np.ndarray) -> None:
+    """A t-SNE map of `emb` coloured by `labels`, when the eval's config asks for plots."""
+    if call.write and cfg["plots"] and cfg["tsne"]:
+        from mmssl_jax.evaluation import plots as plots_lib
+
+        classnames = load_classnames(cfg["classnames"])
+        path = plots_lib.plot_embedding_map(
+            emb,
+            labels,
+            classnames,
+            call.plot_path(name, "tsne"),
+            max_points=cfg["tsne_points"],
+            seed=cfg["seed"],
+            title=f"{name}: t-SNE of image features (step {call.step})",
+        )
+        call.add_plot(path)
+
+
+def train_test(call, name, cfg, encoder, desc):
+    train = load_arrays(name, cfg, "train_shards")
+    test = load_arrays(name, cfg, "test_shards")
+    tr_keep = need_labels(name, "train_shards", train)
+    te_keep = need_labels(name, "test_shards", test)
+    f_tr = call.features(encoder, train, cfg, f"{name} train")
+    f_te = call.features(encoder, test, cfg, f"{name} test")
+    y_tr = np.asarray(train["label"])[tr_keep]
+    y_te = np.asarray(test["label"])[te_keep]
+    return f_tr, f_te, tr_keep, te_keep, y_tr, y_te
+
+
+def per_layer(call, name, cfg, encoder, rows, artifacts, fn: Callable) -> dict[str, float]:
+    """Runs fn(train_x, train_y, test_x, test_y) -> metrics once per distinct feature key."""
+    f_tr, f_te, tr_keep, te_keep, y_tr, y_te = train_test(call, name, cfg, encoder, name)
+    if rows is None:
+        rows = resolve_layers(cfg["layers"], list(f_tr))
+        if not rows:
+            raise ValueError(f"evals.{name}: none of layers {cfg['layers']} in {list(f_tr)}")
+    sources = layer_sources(rows, list(f_tr))
+    results: dict[str, dict[str, float]] = {}
+    for src in dict.fromkeys(sources.values()):
+        start = time.time()
+        results[src] = fn(f_tr[src][tr_keep], y_tr, f_te[src][te_keep], y_te)
+        logging.info("evals.%s[%s]: %s (%.1fs)", name, src, results[src], time.time() - start)
+    if artifacts and rows:
+        first = sources[rows[0]]
+        tsne(call, name, cfg, f_te[first][te_keep], y_te)
+    return {f"{row}/{m}": v for row, src in sources.items() for m, v in results[src].items()}
