@@ -35,6 +35,10 @@ INSTALL_REQUIRES = [
     # regex: \p{L} / \p{N} classes of CLIP's BPE pre-tokenizer
     # (input_pipeline/tokenizers/clip_bpe.py).
     "regex>=2026.5,<2028",
+    # tokenizers: Hugging Face's Rust WordPiece, reading a BERT tower's tokenizer.json as is
+    # (input_pipeline/tokenizers/wordpiece.py); a hand-written WordPiece would have to match
+    # its normaliser and pre-tokeniser byte for byte.
+    "tokenizers>=0.23.3,<1",
 ]
 
 EXTRAS = {

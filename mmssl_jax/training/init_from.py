@@ -224,3 +224,31 @@ def maybe_init_from(state: Any, config: Any, state_sharding: Any) -> Any:
 
         updates["ema_params"] = jax.device_put(momentum.init_ema(params), state_sharding.ema_params)
     return state.replace(**updates)
+
+
+def maybe_load_text_tower(state: Any, config: Any, state_sharding: Any) -> Any:
+    """A fresh `state` whose BERT text tower (`model.text_encoder="bert"`) holds the
+    pretrained weights of `model.text_path` (LiT: lock it with a freeze rule, or tune it);
+    `model.text_pretrained=False` keeps the random init (the from-scratch ablation)."""
+    model_cfg = config.model
+    if model_cfg.get("text_encoder") != "bert" or not model_cfg.get("text_pretrained", True):
+        return state
+    from mmssl_jax.models import bert
+
+    directory = bert.find_bert_dir(model_cfg.text_path)
+    loaded = bert.load_bert_params(directory)
+    host = jax.device_get(state.params)
+    fresh, stored = dict(flat_params(host["text_encoder"])), dict(flat_params(loaded))
+    for name, leaf in fresh.items():
+        if name not in stored or tuple(stored[name].shape) != tuple(np.shape(leaf)):
+            have = None if name not in stored else tuple(stored[name].shape)
+            raise InitFromError(
+                f"{directory}: text_encoder/{name} is {have} there but the model needs "
+                f"{tuple(np.shape(leaf))} (model.text_overrides differ from its config.json?)"
+            )
+    cast = jax.tree.map(
+        lambda a, b: np.asarray(a, np.asarray(b).dtype), loaded, host["text_encoder"]
+    )
+    params = {**host, "text_encoder": cast}
+    logging.info("text tower: pretrained BERT weights from %s (%d tensors)", directory, len(fresh))
+    return state.replace(params=jax.device_put(params, state_sharding.params))

@@ -43,11 +43,14 @@ SLIP_WD_RULES: tuple[Rule, ...] = (
     (r".*", 1.0),
 )
 
-# Where each transformer tower keeps its blocks, and which of its parameters sit below the
-# first block (embeddings: layer 0) or above the last (final norm: layer L + 1).
+# Where each transformer tower keeps its blocks (a regex, "{}" the block index), and which
+# of its parameters sit below the first block (embeddings: layer 0) or above the last (final
+# norm: layer L + 1). The text tower is CLIP's transformer (resblocks_i) or BERT (blocks_i).
 TOWERS: dict[str, dict[str, str]] = {
     "image_encoder": dict(block="blocks_{}", embed="patch_embed|cls_token|pos_embed|reg_tokens"),
-    "text_encoder": dict(block="resblocks_{}", embed="token_embedding|positional_embedding"),
+    "text_encoder": dict(
+        block="(?:res)?blocks_{}", embed="token_embedding|positional_embedding|embeddings"
+    ),
 }
 
 
@@ -100,7 +103,7 @@ def tower_depths(paths: Sequence[str]) -> dict[str, int]:
     """Blocks per tower found in the parameter paths (towers without blocks are left out)."""
     depths: dict[str, int] = {}
     for tower, spec in TOWERS.items():
-        block = re.escape(spec["block"]).replace(r"\{\}", r"(\d+)")
+        block = spec["block"].replace("{}", r"(\d+)")
         pat = re.compile(re.escape(tower) + "/" + block + "/")
         found = [int(m.group(1)) for p in paths if (m := pat.match(p))]
         if found:

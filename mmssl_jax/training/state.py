@@ -16,7 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from input_pipeline import tokenizers
+from mmssl_jax.models import bert
 from mmssl_jax.models.model import MultimodalModel
+from mmssl_jax.models.registry import bert_model_config
 from mmssl_jax.parallel import mesh as parallel
 from mmssl_jax.training import momentum
 
@@ -91,6 +94,8 @@ def resolve_model_config(
     """The model config with vocab_size read from the tokenizer when it is -1 (`tokenizer`,
     when the caller has it open, else `config.data.tokenizer`)."""
     model_cfg = ml_collections.ConfigDict(config.model.to_dict())
+    if model_cfg.get("text_encoder") == "bert":  # sizes and vocab from the checkpoint
+        return ml_collections.ConfigDict(bert_model_config(model_cfg.to_dict()))
     if model_cfg.get("text_encoder") and model_cfg.get("vocab_size", -1) <= 0:
         if tokenizer is None:
             tokenizer = open_tokenizer(config)
@@ -98,13 +103,21 @@ def resolve_model_config(
     return model_cfg
 
 
+def tokenizer_path(config: ml_collections.ConfigDict) -> str:
+    """`config.data.tokenizer`, or a pretrained BERT tower's own tokenizer.json."""
+    if config.data.get("tokenizer"):
+        return config.data.tokenizer
+    if config.model.get("text_encoder") == "bert":
+        return str(bert.find_bert_dir(config.model.text_path) / "tokenizer.json")
+    raise ValueError("config.data.tokenizer is not set (a text tower needs a tokenizer)")
+
+
 def open_tokenizer(config: ml_collections.ConfigDict) -> Any:
-    """The run's tokenizer (`config.data.tokenizer`), or None without a text tower."""
+    """The run's tokenizer (see `tokenizer_path`; the kind by its file name), or None
+    without a text tower."""
     if not config.model.get("text_encoder"):
         return None
-    from input_pipeline.tokenizers.spm import Tokenizer
-
-    return Tokenizer(config.data.tokenizer)
+    return tokenizers.open_tokenizer(tokenizer_path(config))
 
 
 def state_shardings(train_cfg: Mapping[str, Any], state_shape: Any, mesh: jax.sharding.Mesh) -> Any:

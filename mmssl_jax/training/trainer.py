@@ -143,9 +143,11 @@ class Trainer:
         """Restores the latest checkpoint in the workdir, or initialises."""
         latest = checkpointer.latest_step()
         if latest is None:
-            from mmssl_jax.training.init_from import maybe_init_from
+            from mmssl_jax.training.init_from import maybe_init_from, maybe_load_text_tower
 
-            return maybe_init_from(self._init(self.config.seed), self.config, self.state_sharding)
+            state = self._init(self.config.seed)
+            state = maybe_load_text_tower(state, self.config, self.state_sharding)
+            return maybe_init_from(state, self.config, self.state_sharding)
         logging.info("resuming from %s/%d", checkpointer.directory, latest)
         return checkpointer.restore(self.abstract_state(), self.data_iter, latest)
 
