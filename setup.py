@@ -51,8 +51,9 @@ EXTRAS = {
         "nbclient>=0.10,<1",
         "nbformat>=5.10,<6",
         "ipykernel>=6.29,<8",
-        # ftfy: open_clip's reference tokenizer needs it (tests/test_clip_bpe.py); clip_bpe
-        # uses it too when present, as CLIP does.
+        # ftfy: open_clip's reference tokenizer needs it
+        # (tests/input_pipeline/tokenizers/test_clip_bpe.py); clip_bpe uses it too when
+        # present, as CLIP does.
         "ftfy>=6.3,<7",
     ],
     # The PyTorch reference for benchmarks and the weight-import parity tests (CPU build).

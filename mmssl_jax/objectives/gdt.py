@@ -19,7 +19,8 @@ The pairs compared at all, w(T, T'), exclude the view itself and, per component,
 
     L = mean over anchors with a positive of  -sum_T' (c w / sum c w) log softmax_w(s <a, b>)
 
-Special cases (tests/test_objectives_extra.py checks them to float precision):
+Special cases (tests/objectives/test_topic_rotation_mocov3_gdt_vs_numpy.py checks them to
+float precision):
 - CLIP: views (image_emb, text_emb), one component modality (0, 1), invariant, compare
   "differ", scale = logit_scale.
 - SimCLR: views (ssl_a, ssl_b), one component view (0, 1), invariant, compare "all",

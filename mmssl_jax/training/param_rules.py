@@ -35,8 +35,8 @@ import numpy as np
 Rule = tuple[str, Any]
 
 # SLIP's rule (decay matrices and embeddings, not biases, norm scales or the logit
-# scale/bias) as name rules. tests/test_param_rules.py checks it equals `ndim >= 2` on every
-# model in the registry.
+# scale/bias) as name rules. tests/training/test_param_rules.py checks it equals `ndim >= 2`
+# on every model in the registry.
 SLIP_WD_RULES: tuple[Rule, ...] = (
     (r"(.*/)?(bias|scale)", 0.0),
     (r"logit_(scale|bias)", 0.0),

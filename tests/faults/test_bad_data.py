@@ -5,7 +5,7 @@ column (the trainer logs it as data/skipped_records) and named in a warning. CMY
 images are not damage: they decode and nothing is skipped.
 
 The shard is 8 real emoji records (from the embedded data) with record 3 damaged; unit-level
-checks of the same errors live in tests/test_tfrecord.py, test_transforms.py and
+checks of the same errors live in tests/input_pipeline/test_tfrecord.py, test_transforms.py and
 test_pipeline.py.
 """
 

@@ -18,8 +18,8 @@ torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip insta
 from input_pipeline.tokenizers.clip_bpe import ClipBpeTokenizer  # noqa: E402
 from mmssl_jax.export import convert_torch  # noqa: E402
 from mmssl_jax.models.model import MultimodalModel  # noqa: E402
+from tests.export.test_convert_torch import pretrained, state_dict_numpy, torch_inputs  # noqa: E402
 from tests.open_clip_wheel import extract, import_open_clip  # noqa: E402
-from tests.test_convert_torch import pretrained, state_dict_numpy, torch_inputs  # noqa: E402
 
 TOL = 1e-4
 # "!" is id 0 (also the pad id): pooling must read argmax(tokens), not the last non-zero id.

@@ -59,7 +59,7 @@ def test_one_device_equals_eight(embedded_data, tmp_path):
         config = tiny_config("tiny_slip", embedded_data, total_steps=10, num_devices=devices)
         Trainer(config, str(workdir)).run()
         curves.append(losses(workdir))
-    # The objectives are exact across devices to 1e-5 (tests/test_objectives_sharded.py);
+    # The objectives are exact across devices to 1e-5 (tests/objectives/test_losses_sharded.py);
     # over 10 Adam steps, reduction-order differences in near-zero gradient components can
     # flip an update of size lr, so the curves agree to 1e-4 rather than bitwise.
     np.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)

@@ -133,7 +133,7 @@ def test_converted_export_tokenizes_with_bpe(tok, merges_path, tmp_path):
     load_pretrained's encode_texts matches the PyTorch text tower on the same BPE ids."""
     torch = pytest.importorskip("torch", reason="the converted checkpoint is a torch file")
     from mmssl_jax.export import ExportError, convert_torch, load_pretrained, write_export
-    from tests.test_convert_torch import SMALL, Clip, QuickGELU, _tool, randomize
+    from tests.export.test_convert_torch import SMALL, Clip, QuickGELU, _tool, randomize
 
     ref = randomize(Clip(**dict(SMALL, vocab=49408, twidth=64, theads=1), act=QuickGELU), seed=4)
     checkpoint = tmp_path / "clip.pt"

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from input_pipeline import tfrecord
 from input_pipeline.records import decode_example
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 import make_shards  # noqa: E402
 
 FASHION = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"

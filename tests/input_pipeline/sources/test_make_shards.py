@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from input_pipeline import tfrecord
 from input_pipeline.records import decode_example
 from input_pipeline.sources import emoji, fashion_mnist, shard_writer
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 import make_shards  # noqa: E402
 
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -211,7 +212,7 @@ def _load_tfds_builder_module():
     not install when TensorFlow is absent."""
     name = "tfds_tiny_builder"
     if name not in sys.modules:
-        path = os.path.join(os.path.dirname(__file__), name + ".py")
+        path = str(Path(__file__).resolve().parents[2] / f"{name}.py")
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module

@@ -1,5 +1,5 @@
 """Training with the issue-7 objectives: topic supervision and rotation learn on the real
-embedded data (MoCo v3's train step: tests/test_momentum.py)."""
+embedded data (MoCo v3's train step: tests/training/test_momentum_encoder.py)."""
 
 import importlib
 

@@ -1,6 +1,6 @@
 """2 processes x 2 emulated CPU devices (Gloo) train like 1 process x 4 devices.
 
-The processes are this file run as a script (`python tests/test_multihost.py worker ...`),
+The processes are this file run as a script (`python tests/parallel/test_multihost.py worker ...`),
 joined with `mmssl_jax.parallel.distributed.initialize` on a free localhost port. Each process reads
 its own slice of the shards (grain: records `process_index::process_count`, batch 16 / 2),
 feeds it with `jax.make_array_from_process_local_data`, trains the tiny CLIP config through
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -6,7 +6,7 @@ transformer (built on `torch.nn.MultiheadAttention`, PyTorch's own attention) an
 ViT + CLIP text tower + SimCLR MLP with BatchNorm. They are randomly initialised (norm scales
 and BN statistics too, so a swapped or transposed weight shows), converted, and compared at
 max |diff| <= 1e-4 in float32. open_clip's own ViT-B-16 is compared in
-tests/test_open_clip_parity.py (its code from the cached wheel); timm, which SLIP builds on,
+tests/export/test_open_clip_parity.py (its code from the cached wheel); timm, which SLIP builds on,
 imports torchvision, which does not import beside the pinned CPU torch.
 """
 
