@@ -1,4 +1,5 @@
-"""A tiny tfds dataset of real Fashion-MNIST images, for tests/input_pipeline/sources/test_make_shards.py.
+"""A tiny tfds dataset of real Fashion-MNIST images, for
+tests/input_pipeline/sources/test_make_shards.py.
 
 tfds requires a builder to live in an importable module (not __main__), hence this file.
 Prepare it with `file_format="array_record"`: that path needs no TensorFlow.
