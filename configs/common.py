@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 from mmssl_jax.config_utils import import_extensions
+from mmssl_jax.models.extra_heads import head_names
 from mmssl_jax.objectives import model_parts
 from mmssl_jax.training.param_rules import SLIP_WD_RULES, lock_tower
 
@@ -201,6 +202,10 @@ def recipe(
     )
     config.extensions = tuple(extensions)
     config.objectives = terms
+    # A head a user's term registered (models/extra_heads.py) is built at its defaults.
+    for part in sorted(parts - set(config.model)):
+        if part in head_names():
+            config.model[part] = {}
     config.objective_options = ml_collections.ConfigDict(
         dict(simclr=dict(temperature=0.1), supcon=dict(temperature=0.1))
     )

@@ -83,25 +83,26 @@ from mmssl_jax.evaluation.context import (  # noqa: F401  (re-exported for calle
 from mmssl_jax.evaluation.encoder import Encoder, has_text, host_threads
 
 # Evaluator modules are found by type name: "zero_shot" is mmssl_jax/evaluation/zero_shot.py;
-# a dotted name ("my_pkg.my_eval") is a user's module. Each defines DEFAULTS (its config keys),
-# SPLITS (the shard keys it reads), NEEDS_TEXT, RAW_PIXELS, TSNE, PER_LAYER and
+# any other name ("my_eval", "my_pkg.my_eval") is an importable module of the user's. Each
+# defines DEFAULTS (its config keys), SPLITS (the shard keys it reads), NEEDS_TEXT, RAW_PIXELS, TSNE, PER_LAYER and
 # run(call, name, cfg, encoder, rows, artifacts) -> {metric: value}.
 ENTRY = ("DEFAULTS", "SPLITS", "NEEDS_TEXT", "RAW_PIXELS", "TSNE", "PER_LAYER", "run")
 BUILT_IN = ("zero_shot", "linear_probe", "knn", "retrieval", "svm_map", "finetune")
 
 
 def evaluator(kind: str) -> ModuleType:
-    """The evaluator module of type `kind` (see ENTRY); a clear error when there is none."""
+    """The evaluator module of type `kind` (see ENTRY): the built-in module of that name,
+    else the importable module `kind` itself; a clear error when there is none."""
     if not isinstance(kind, str) or not kind:
         raise ValueError(f"an evaluation needs a type; built in: {list(BUILT_IN)}")
-    module_name = kind if "." in kind else f"mmssl_jax.evaluation.{kind}"
+    module_name = f"mmssl_jax.evaluation.{kind}" if kind in BUILT_IN else kind
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and module_name.startswith(e.name):
             raise ValueError(
-                f"no evaluator of type {kind!r} (module {module_name} not found); built in: "
-                f"{list(BUILT_IN)}, or a dotted module name (config.extensions imports it)"
+                f"no evaluator of type {kind!r} (no module {module_name}); built in: "
+                f"{list(BUILT_IN)}, or the name of an importable module of your own"
             ) from None
         raise
     missing = [k for k in ENTRY if not hasattr(module, k)]
