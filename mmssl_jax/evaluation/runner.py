@@ -84,8 +84,8 @@ from mmssl_jax.evaluation.encoder import Encoder, has_text, host_threads
 
 # Evaluator modules are found by type name: "zero_shot" is mmssl_jax/evaluation/zero_shot.py;
 # any other name ("my_eval", "my_pkg.my_eval") is an importable module of the user's. Each
-# defines DEFAULTS (its config keys), SPLITS (the shard keys it reads), NEEDS_TEXT, RAW_PIXELS, TSNE, PER_LAYER and
-# run(call, name, cfg, encoder, rows, artifacts) -> {metric: value}.
+# defines DEFAULTS (its config keys), SPLITS (the shard keys it reads), NEEDS_TEXT,
+# RAW_PIXELS, TSNE, PER_LAYER and run(call, name, cfg, encoder, rows, artifacts) -> metrics.
 ENTRY = ("DEFAULTS", "SPLITS", "NEEDS_TEXT", "RAW_PIXELS", "TSNE", "PER_LAYER", "run")
 BUILT_IN = ("zero_shot", "linear_probe", "knn", "retrieval", "svm_map", "finetune")
 
