@@ -30,6 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 import regex
 
+from input_pipeline.tokenizers.base import RowDecoder, read_source
+
 try:  # Optional: CLIP cleans with ftfy; everything else works without it.
     from ftfy import fix_text as _fix_text
 except ImportError:  # pragma: no cover - depends on the environment
@@ -110,7 +112,7 @@ def parse_merges(data: bytes, where: str = "<bytes>") -> list[tuple[str, str]]:
     return merges
 
 
-class ClipBpeTokenizer:
+class ClipBpeTokenizer(RowDecoder):
     """CLIP's tokenizer with `input_pipeline.tokenizer.Tokenizer`'s surface.
 
     Build it from the merges file (`ClipBpeTokenizer(path)`, gzipped or plain text) or its
@@ -120,16 +122,10 @@ class ClipBpeTokenizer:
     def __init__(
         self, merges_path: str | os.PathLike | None = None, *, merges_data: bytes | None = None
     ):
-        if (merges_path is None) == (merges_data is None):
-            raise ValueError("ClipBpeTokenizer: give exactly one of merges_path or merges_data")
-        where = "<merges bytes>"
-        if merges_path is not None:
-            where = os.fspath(merges_path)
-            if not os.path.isfile(where):
-                raise FileNotFoundError(f"CLIP BPE merges file not found: {where}")
-            with open(where, "rb") as f:
-                merges_data = f.read()
-        self._load(bytes(merges_data), where)
+        data, where = read_source(
+            merges_path, merges_data, "CLIP BPE merges file", "ClipBpeTokenizer"
+        )
+        self._load(data, where)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ClipBpeTokenizer:
@@ -220,16 +216,6 @@ class ClipBpeTokenizer:
             row[: len(ids)] = ids
             row[len(ids)] = self.eos_id
         return out
-
-    def decode(self, ids) -> str | list[str]:
-        """Decodes one row [L] to a string, or rows [B, L] to a list; a leading SOT is
-        skipped and decoding stops at EOT (pad 0 is "!", so only EOT ends a row)."""
-        arr = np.asarray(ids)
-        if arr.ndim == 1:
-            return self._decode_row(arr)
-        if arr.ndim == 2:
-            return [self._decode_row(r) for r in arr]
-        raise ValueError(f"decode expects ids of rank 1 or 2, got shape {arr.shape}")
 
     def _decode_row(self, row: np.ndarray) -> str:
         ids = row.tolist()

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from input_pipeline.tokenizers.base import RowDecoder, read_source
+
 PAD_ID = 0
 UNK_ID = 1
 BOS_ID = 2
@@ -77,7 +79,7 @@ def train_sentencepiece(
     return path
 
 
-class Tokenizer:
+class Tokenizer(RowDecoder):
     """A loaded sentencepiece model that encodes captions to fixed-length int32 arrays.
 
     Build it from a file (`Tokenizer(path)`) or from the serialized model bytes
@@ -86,19 +88,9 @@ class Tokenizer:
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, model_proto=None):
-        if (model_path is None) == (model_proto is None):
-            raise ValueError("Tokenizer: give exactly one of model_path or model_proto")
-        if model_path is not None:
-            model_path = os.fspath(model_path)
-            if not os.path.isfile(model_path):
-                raise FileNotFoundError(f"sentencepiece model not found: {model_path}")
-            with open(model_path, "rb") as f:
-                model_proto = f.read()
-            where = model_path
-        else:
-            where = "<model_proto bytes>"
-        self._path = model_path
-        self._load(bytes(model_proto), where)
+        data, where = read_source(model_path, model_proto, "sentencepiece model", "Tokenizer")
+        self._path = None if model_path is None else os.fspath(model_path)
+        self._load(data, where)
 
     @classmethod
     def from_bytes(cls, model_proto: bytes) -> Tokenizer:
@@ -161,15 +153,6 @@ class Tokenizer:
             row[: len(ids)] = ids
             row[len(ids)] = eos
         return out
-
-    def decode(self, ids) -> str | list[str]:
-        """Decodes one row [L] to a string, or rows [B, L] to a list; stops at EOS/pad."""
-        arr = np.asarray(ids)
-        if arr.ndim == 1:
-            return self._decode_row(arr)
-        if arr.ndim == 2:
-            return [self._decode_row(r) for r in arr]
-        raise ValueError(f"decode expects ids of rank 1 or 2, got shape {arr.shape}")
 
     def _decode_row(self, row: np.ndarray) -> str:
         ids = []

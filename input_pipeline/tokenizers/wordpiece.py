@@ -22,8 +22,10 @@ from collections.abc import Sequence
 import numpy as np
 import tokenizers
 
+from input_pipeline.tokenizers.base import RowDecoder, read_source
 
-class WordPieceTokenizer:
+
+class WordPieceTokenizer(RowDecoder):
     """A WordPiece `tokenizer.json` that encodes captions to fixed-length int32 arrays.
 
     Build it from the file (`WordPieceTokenizer(path)`) or its bytes
@@ -31,16 +33,8 @@ class WordPieceTokenizer:
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, data: bytes | None = None):
-        if (path is None) == (data is None):
-            raise ValueError("WordPieceTokenizer: give exactly one of path or data")
-        where = "<tokenizer.json bytes>"
-        if path is not None:
-            where = os.fspath(path)
-            if not os.path.isfile(where):
-                raise FileNotFoundError(f"tokenizer.json not found: {where}")
-            with open(where, "rb") as f:
-                data = f.read()
-        self._load(bytes(data), where)
+        data, where = read_source(path, data, "tokenizer.json", "WordPieceTokenizer")
+        self._load(data, where)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> WordPieceTokenizer:
@@ -127,16 +121,6 @@ class WordPieceTokenizer:
             ids = self._tok.post_process(enc).ids
             row[: len(ids)] = ids
         return out
-
-    def decode(self, ids) -> str | list[str]:
-        """Decodes one row [L] to a string, or rows [B, L] to a list; special tokens and the
-        padding (from the first pad id on) are dropped."""
-        arr = np.asarray(ids)
-        if arr.ndim == 1:
-            return self._decode_row(arr)
-        if arr.ndim == 2:
-            return [self._decode_row(r) for r in arr]
-        raise ValueError(f"decode expects ids of rank 1 or 2, got shape {arr.shape}")
 
     def _decode_row(self, row: np.ndarray) -> str:
         ids = row.tolist()
