@@ -294,8 +294,8 @@ def test_cc3m_tsv_with_images_on_disk(tmp_path):
     prefix2 = str(tmp_path / "cc3m_sha")
     args = ["cc3m", str(tsv2), "--images_dir", str(tmp_path / "dl"), "--output", prefix2]
     assert make_shards.main(args + ["--filename", "{sha1}.png"] + PNG_OUT).num_records == 5
-    summary = make_shards.main(args + ["--filename", "{value}"] + PNG_OUT)
-    assert summary.num_records == 0
+    with pytest.raises(SystemExit, match=r"all 5 inputs were bad \(5 bad, 0 skipped\)"):
+        make_shards.main(args + ["--filename", "{value}"] + PNG_OUT)
     assert all("is a URL" in r for _, _, r in bad_lines(prefix2)) and len(bad_lines(prefix2)) == 5
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -203,6 +204,58 @@ def test_folder_jsonl_and_csv(tmp_path):
         "corrupt.png",
         "missing.png",
     ]
+
+
+def _all_bad_folder(tmp_path) -> str:
+    """An images directory whose two images are both unusable (cut short)."""
+    images, _ = _idx_images("test")
+    root = tmp_path / "all_bad"
+    root.mkdir(parents=True)
+    buf = io.BytesIO()
+    Image.fromarray(images[0]).save(buf, format="PNG")
+    for name in ("x.png", "y.png"):
+        (root / name).write_bytes(buf.getvalue()[:60])
+    return str(root)
+
+
+def test_all_inputs_bad_exits_nonzero_and_writes_no_shards(tmp_path):
+    """`wrote 0 records; 2 bad` used to exit 0 and leave a zero-record shard set behind."""
+    root = _all_bad_folder(tmp_path)
+    out = tmp_path / "out"
+    prefix = str(out / "bad")
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "make_shards.py")
+    result = subprocess.run(
+        [sys.executable, script, "folder", "--images_dir", root, "--output", prefix, "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert "no shards were written" in message and "(2 bad, 0 skipped)" in message
+    assert prefix + "-bad_files.txt" in message
+    assert sorted(os.listdir(out)) == ["bad-bad_files.txt"]
+    assert sorted(os.path.basename(b[2]) for b in _bad_lines(prefix)) == ["x.png", "y.png"]
+
+
+def test_all_inputs_bad_leaves_an_earlier_shard_set_unchanged(tmp_path):
+    prefix = str(tmp_path / "shards" / "fm")
+    make_shards.main(["fashion_mnist", "--output", prefix, "--limit", "5", "--quiet"])
+    before = _shard_set_bytes(prefix)
+    root = _all_bad_folder(tmp_path)
+    with pytest.raises(SystemExit, match="earlier run .* left as they were") as exc:
+        make_shards.main(["folder", "--images_dir", root, "--output", prefix, "--quiet"])
+    assert "all 2 inputs were bad" in str(exc.value)
+    after = _shard_set_bytes(prefix)
+    assert after.pop("fm-bad_files.txt") != before.pop("fm-bad_files.txt")
+    assert after == before
+    with pytest.raises(shard_writer.NoRecordsError, match="found no inputs"):
+        shard_writer.write_plan(
+            shard_writer.Plan("empty", {"train": []}, process=None),
+            str(tmp_path / "empty" / "e"),
+            progress=False,
+        )
+    assert os.listdir(tmp_path / "empty") == ["e-bad_files.txt"]
 
 
 def _load_tfds_builder_module():

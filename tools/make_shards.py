@@ -19,7 +19,8 @@ Shards are PREFIX-SPLIT-00003-of-00016.tfrecord (PREFIX-00003-of-00016.tfrecord 
 without splits). Images are stored as JPEG (quality 95) with the short side at most 256 px,
 except Fashion-MNIST, stored as lossless greyscale PNG (28x28: smaller than JPEG, exact).
 The same input always gives the same bytes. Inputs that cannot be used are counted in the
-summary line and listed in PREFIX-bad_files.txt.
+summary line and listed in PREFIX-bad_files.txt; when none can be used, no shards are written
+and the command exits with status 1.
 """
 
 from __future__ import annotations
@@ -263,6 +264,15 @@ def run_index(patterns: Sequence[str]) -> list[tuple[str, int]]:
 
 
 def main(argv: Sequence[str] | None = None):
+    """Runs the command line; exits with status 1 and a message when nothing usable was
+    written (every input bad), so scripts and CI stop here rather than at training time."""
+    try:
+        return _main(argv)
+    except shard_writer.NoRecordsError as e:
+        raise SystemExit(f"make_shards: error: {e}") from None
+
+
+def _main(argv: Sequence[str] | None):
     args = parse_args(argv)
     if args.source == "index":
         return run_index(args.paths)
