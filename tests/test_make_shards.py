@@ -258,6 +258,30 @@ def test_all_inputs_bad_leaves_an_earlier_shard_set_unchanged(tmp_path):
     assert os.listdir(tmp_path / "empty") == ["e-bad_files.txt"]
 
 
+def _record_or_bad(task: str, options: shard_writer.ImageOptions):
+    if task == "good":
+        return shard_writer.Record("good", b"not decoded here", ("a caption",))
+    return shard_writer.Bad("dir\\with\ttab/x.png", "cannot decode image (line one\nline two\r)")
+
+
+def test_bad_files_list_escapes_newlines_one_line_per_input(tmp_path):
+    """A reason holding a newline used to split its bad input over two lines."""
+    prefix = str(tmp_path / "esc")
+    plan = shard_writer.Plan("esc", {None: ["good", "bad"]}, process=_record_or_bad)
+    summary = shard_writer.write_plan(plan, prefix, workers=1, progress=False)
+    assert summary.num_records == 1
+    with open(prefix + "-bad_files.txt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    assert len(lines) == 3 and lines[0].startswith("#") and lines[2] == ""
+    fields = lines[1].split("\t")
+    assert fields == [
+        "-",
+        "bad",
+        "dir\\\\with\\ttab/x.png",
+        "cannot decode image (line one\\nline two\\r)",
+    ]
+
+
 def _load_tfds_builder_module():
     """tests/tfds_tiny_builder.py imported as a top-level module: for a builder inside a
     package, tfds 4.9.10 locates its code through `importlib_resources`, a package it does

@@ -10,7 +10,9 @@ over the shards of each split (so every shard sees every class), and writes besi
     PREFIX-SPLIT-00000-of-00004.tfrecord (+ .idx)   or  PREFIX-00000-of-00004.tfrecord
     PREFIX-SPLIT-stats.json    records per shard and per class      (PREFIX-stats.json)
     PREFIX-classnames.json     list of class names, index = label   (when labels exist)
-    PREFIX-bad_files.txt       every input that was skipped and why (always written)
+    PREFIX-bad_files.txt       every input that was skipped and why (always written), one
+                               line each: split, kind, input, reason; tab-separated, with
+                               tab, newline, CR and backslash inside a field escaped
 
 Bad inputs are never dropped silently: they are counted in the summary line and listed.
 When no input at all gives a record, `write_plan` writes only the bad-file list and raises
@@ -501,10 +503,28 @@ def _stats(plan: Plan, s: SplitSummary, options: ImageOptions) -> dict:
     }
 
 
+_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+def escape_field(text: str) -> str:
+    """`text` with backslash, newline, carriage return and tab written as \\\\ \\n \\r \\t,
+    so that a field of the tab-separated bad-file list never splits a line or a column."""
+    return text.translate(_ESCAPES)
+
+
 def _write_bad_files(path: str, bad: Sequence[tuple[str | None, Bad]]) -> None:
-    lines = ["# split\tkind\tinput\treason\n"]
+    """One line per bad input: split, kind, input, reason (fields escaped, tab-separated)."""
+    lines = ["# split\tkind\tinput\treason (\\t \\n \\r \\\\ escaped)\n"]
     lines += [
-        f"{split or '-'}\t{'skipped' if b.skipped else 'bad'}\t{b.where}\t{b.reason}\n"
+        "\t".join(
+            [
+                escape_field(split or "-"),
+                "skipped" if b.skipped else "bad",
+                escape_field(b.where),
+                escape_field(b.reason),
+            ]
+        )
+        + "\n"
         for split, b in bad
     ]
     tmp = path + ".tmp"
