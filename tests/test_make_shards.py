@@ -7,6 +7,7 @@ splits, the bad-file list, determinism and the .idx.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import importlib.util
 import io
@@ -23,7 +24,7 @@ from PIL import Image
 
 from input_pipeline import tfrecord
 from input_pipeline.records import decode_example
-from input_pipeline.sources import emoji, fashion_mnist, shard_writer
+from input_pipeline.sources import emoji, fashion_mnist, shard_writer, tfds_source
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
 import make_shards  # noqa: E402
@@ -296,11 +297,15 @@ def _load_tfds_builder_module():
     return sys.modules[name]
 
 
-def test_tfds_source(tmp_path):
+@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
+def test_tfds_source(tmp_path, file_format):
+    """Both tfds file formats; TFRecord (tfds' default) used to fail with tfds'
+    NotImplementedError "Random access data source for file format FileFormat.TFRECORD"."""
     tfds_tiny_builder = _load_tfds_builder_module()
     data_dir = str(tmp_path / "tfds")
-    builder = tfds_tiny_builder.TinyFashion(data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare()
+    builder = tfds_tiny_builder.TinyFashion(data_dir=data_dir, file_format=file_format)
+    tfds_tiny_builder.prepare(builder)
+    assert not any(n.endswith(".idx") for n in os.listdir(builder.data_dir))
     prefix = str(tmp_path / "tiny")
     make_shards.main(
         ["tfds", "--name", "tiny_fashion", "--data_dir", data_dir, "--split", "train,test"]
@@ -318,6 +323,51 @@ def test_tfds_source(tmp_path):
             label = originals[pixels.tobytes()]
             assert r["label"] == label
             assert r["texts"] == [f"a photo of a {fashion_mnist.CLASSNAMES[label]}"]
+    assert not any(n.endswith(".idx") for n in os.listdir(builder.data_dir))  # read-only
+
+
+def test_tfds_tfrecord_sub_split(tmp_path):
+    """A sub-split of TFRecord files reads the records tfds' file instructions name."""
+    tfds_tiny_builder = _load_tfds_builder_module()
+    data_dir = str(tmp_path / "tfds")
+    tfds_tiny_builder.prepare(
+        tfds_tiny_builder.TinyFashion(data_dir=data_dir, file_format="tfrecord")
+    )
+    prefix = str(tmp_path / "sub")
+    summary = make_shards.main(
+        ["tfds", "--name", "tiny_fashion", "--data_dir", data_dir, "--split", "train[2:5]"]
+        + ["--format", "png", "--output", prefix, "--quiet"]
+    )
+    full = make_shards.main(
+        ["tfds", "--name", "tiny_fashion", "--data_dir", data_dir, "--split", "train"]
+        + ["--format", "png", "--output", str(tmp_path / "full"), "--quiet"]
+    )
+    assert summary.num_records == 3 and full.num_records == 6
+    # glob.escape: the split name "train[2:5]" goes into the shard names as it is
+    sub = tfrecord.TFRecordSource([glob.escape(p) for p in summary.splits["train[2:5]"].shards])
+    whole = tfrecord.TFRecordSource(full.splits["train"].shards)
+    images = [decode_example(sub[i])["image"] for i in range(3)]
+    assert images == [decode_example(whole[i])["image"] for i in range(2, 5)]
+
+
+@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
+def test_tfds_feature_needing_tensorflow_is_a_clear_error(tmp_path, file_format):
+    """A used feature without NumPy decoding used to make every record bad (empty shards,
+    exit 0); now the error names the dataset and the feature. Unused, it does not matter."""
+    tfds_tiny_builder = _load_tfds_builder_module()
+    data_dir = str(tmp_path / "tfds")
+    builder = tfds_tiny_builder.TinyFashionTfOnlyCaption(data_dir=data_dir, file_format=file_format)
+    tfds_tiny_builder.prepare(builder)
+    prefix = str(tmp_path / "out" / "tf_only")
+    args = ["tfds", "--name", builder.name, "--data_dir", data_dir, "--split", "train"]
+    args += ["--output", prefix, "--quiet"]
+    with pytest.raises(tfds_source.TensorFlowRequiredError) as exc:
+        make_shards.main(args + ["--text_key", "caption"])
+    message = str(exc.value)
+    assert message.startswith("tiny_fashion_tf_only_caption: feature 'caption' (TfOnlyText)")
+    assert "TensorFlow" in message and "--text_key" in message
+    assert not os.path.exists(tmp_path / "out")
+    assert make_shards.main(args).num_records == tfds_tiny_builder.NUM["train"]
 
 
 def test_index_command_rebuilds_deleted_idx(tmp_path, capsys):

@@ -107,6 +107,23 @@ def test_missing_index_and_empty_glob(tmp_path):
         tfrecord.TFRecordSource(empty)
 
 
+def test_scan_missing_index_reads_shards_without_idx(tmp_path):
+    """Shards written elsewhere (a tfds data dir) are indexed in memory, nothing written."""
+    rng = np.random.default_rng(1)
+    payloads = [rng.bytes(int(n)) for n in rng.integers(0, 3000, size=30)]
+    path = _write(tmp_path / "foreign.tfrecord", payloads)
+    offsets = tfrecord.read_index(path)
+    os.remove(path + ".idx")
+    np.testing.assert_array_equal(tfrecord.scan_offsets(path), offsets)
+    src = tfrecord.TFRecordSource(path, scan_missing_index=True)
+    assert [src[i] for i in range(30)] == payloads
+    assert os.listdir(tmp_path) == ["foreign.tfrecord"]
+    with open(path, "r+b") as f:  # a cut-short last record is an error naming the offset
+        f.truncate(os.path.getsize(path) - 1)
+    with pytest.raises(tfrecord.RecordError, match=rf"@ byte {offsets[-1]}: truncated"):
+        tfrecord.scan_offsets(path)
+
+
 def test_aborted_writer_leaves_no_shard(tmp_path):
     path = tmp_path / "a.tfrecord"
     with pytest.raises(RuntimeError), tfrecord.TFRecordWriter(str(path)) as w:

@@ -102,7 +102,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--split", default=None, help="split name in the shard names (optional)")
     p.add_argument("--max_pixels", type=int, default=89_478_485, help="larger images are bad")
 
-    p = sub.add_parser("tfds", help="a prepared tfds dataset (array_record), no TensorFlow")
+    p = sub.add_parser("tfds", help="a prepared tfds dataset (tfrecord, array_record), no TF")
     _common(p)
     p.add_argument("--name", required=True, help="dataset name, e.g. mnist or my_ds:1.0.0")
     p.add_argument("--data_dir", default=None, help="tfds data dir (default: tfds' own)")
