@@ -16,12 +16,12 @@ grain needs for a global shuffle and exact, worker-count-independent resume.
 
 from __future__ import annotations
 
-import contextlib
 import glob as globlib
 import os
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 import google_crc32c
 import numpy as np
@@ -225,6 +225,17 @@ def expand_paths(paths_or_glob: str | Sequence[str]) -> list[str]:
     return paths
 
 
+def _close_fds(fds: dict[int, int], close: Callable[[int], None] = os.close) -> None:
+    """Closes a source's file descriptors. Uses only its arguments and builtins, so it also
+    works at interpreter exit."""
+    for fd in list(fds.values()):
+        try:  # noqa: SIM105 - contextlib is a module global
+            close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
 class TFRecordSource:
     """Random-access grain data source over TFRecord shards with .idx sidecars.
 
@@ -277,6 +288,11 @@ class TFRecordSource:
             with self._lock:
                 fd = self._fds.get(shard)
                 if fd is None:
+                    if getattr(self, "_closer", None) is None:
+                        # Not __del__: at interpreter exit that can run after this module's
+                        # globals are torn down (None). finalize runs at collection, or at
+                        # exit before the teardown, and _close_fds needs no globals.
+                        self._closer = weakref.finalize(self, _close_fds, self._fds)
                     fd = os.open(self.paths[shard], os.O_RDONLY)
                     self._fds[shard] = fd
         return fd
@@ -294,16 +310,12 @@ class TFRecordSource:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_fds"], state["_lock"] = {}, None
+        state.pop("_closer", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
-
-    def __del__(self) -> None:
-        for fd in getattr(self, "_fds", {}).values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
     def __repr__(self) -> str:
         # grain stores repr(source) in iterator checkpoints as a compatibility check.
