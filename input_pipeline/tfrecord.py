@@ -16,12 +16,12 @@ grain needs for a global shuffle and exact, worker-count-independent resume.
 
 from __future__ import annotations
 
-import contextlib
 import glob as globlib
 import os
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 import google_crc32c
 import numpy as np
@@ -138,21 +138,26 @@ def iter_frames(path: str, verify_crc: bool = True) -> Iterator[tuple[int, int, 
         os.close(fd)
 
 
-def _read_at(
-    fd: int, path: str, offset: int, file_size: int, verify_crc: bool
-) -> tuple[int, bytes]:
-    """Reads the record framed at `offset`; returns (framed length, record)."""
+def _read_length(fd: int, path: str, offset: int, file_size: int, verify_crc: bool) -> int:
+    """The data length of the record framed at `offset`, from its header alone."""
     header = os.pread(fd, _HEADER.size, offset)
     if len(header) < _HEADER.size:
         raise RecordError(path, offset, "truncated shard: record header cut short")
     length, length_crc = _HEADER.unpack(header)
     if verify_crc and masked_crc32c(header[:8]) != length_crc:
         raise RecordError(path, offset, "length CRC mismatch (corrupt shard or stale index)")
-    end = offset + FRAME_OVERHEAD + length
-    if end > file_size:
+    if offset + FRAME_OVERHEAD + length > file_size:
         raise RecordError(
             path, offset, f"truncated shard: record of {length} bytes runs past end of file"
         )
+    return length
+
+
+def _read_at(
+    fd: int, path: str, offset: int, file_size: int, verify_crc: bool
+) -> tuple[int, bytes]:
+    """Reads the record framed at `offset`; returns (framed length, record)."""
+    length = _read_length(fd, path, offset, file_size, verify_crc)
     body = os.pread(fd, length + _FOOTER.size, offset + _HEADER.size)
     data = body[:length]
     if verify_crc and masked_crc32c(data) != _FOOTER.unpack(body[length:])[0]:
@@ -165,6 +170,22 @@ def write_index(path: str) -> int:
     offsets = [(o, n) for o, n, _ in iter_frames(path)]
     _write_index_lines(path, offsets)
     return len(offsets)
+
+
+def scan_offsets(path: str) -> np.ndarray:
+    """Record offsets [n] (int64) of a shard that has no .idx (e.g. one tfds wrote), found by
+    following the record headers: 12 bytes read per record, length CRCs checked."""
+    size = os.path.getsize(path)
+    offsets = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = 0
+        while offset < size:
+            offsets.append(offset)
+            offset += FRAME_OVERHEAD + _read_length(fd, path, offset, size, verify_crc=True)
+    finally:
+        os.close(fd)
+    return np.array(offsets, dtype=np.int64)
 
 
 def read_index(path: str) -> np.ndarray:
@@ -204,18 +225,41 @@ def expand_paths(paths_or_glob: str | Sequence[str]) -> list[str]:
     return paths
 
 
+def _close_fds(fds: dict[int, int], close: Callable[[int], None] = os.close) -> None:
+    """Closes a source's file descriptors. Uses only its arguments and builtins, so it also
+    works at interpreter exit."""
+    for fd in list(fds.values()):
+        try:  # noqa: SIM105 - contextlib is a module global
+            close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
 class TFRecordSource:
     """Random-access grain data source over TFRecord shards with .idx sidecars.
 
     `source[i]` returns the raw bytes of global record i (shards in sorted order). Reads use
     os.pread on per-process file descriptors, so the source is thread-safe and picklable for
-    grain's worker processes.
+    grain's worker processes. scan_missing_index: a shard without an .idx is indexed in
+    memory by `scan_offsets` (for shards in a directory that is not ours to write to, such as
+    a tfds data dir) instead of raising FileNotFoundError.
     """
 
-    def __init__(self, paths_or_glob: str | Sequence[str], verify_crc: bool = True):
+    def __init__(
+        self,
+        paths_or_glob: str | Sequence[str],
+        verify_crc: bool = True,
+        scan_missing_index: bool = False,
+    ):
         self.paths = expand_paths(paths_or_glob)
         self.verify_crc = verify_crc
-        self._offsets = [read_index(p) for p in self.paths]
+        self._offsets = [
+            scan_offsets(p)
+            if scan_missing_index and not os.path.exists(index_path(p))
+            else read_index(p)
+            for p in self.paths
+        ]
         self._sizes = [os.path.getsize(p) for p in self.paths]
         counts = np.array([len(o) for o in self._offsets], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
@@ -244,6 +288,11 @@ class TFRecordSource:
             with self._lock:
                 fd = self._fds.get(shard)
                 if fd is None:
+                    if getattr(self, "_closer", None) is None:
+                        # Not __del__: at interpreter exit that can run after this module's
+                        # globals are torn down (None). finalize runs at collection, or at
+                        # exit before the teardown, and _close_fds needs no globals.
+                        self._closer = weakref.finalize(self, _close_fds, self._fds)
                     fd = os.open(self.paths[shard], os.O_RDONLY)
                     self._fds[shard] = fd
         return fd
@@ -261,16 +310,12 @@ class TFRecordSource:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_fds"], state["_lock"] = {}, None
+        state.pop("_closer", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
-
-    def __del__(self) -> None:
-        for fd in getattr(self, "_fds", {}).values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
     def __repr__(self) -> str:
         # grain stores repr(source) in iterator checkpoints as a compatibility check.

@@ -2,12 +2,18 @@
 tests/input_pipeline/sources/test_make_shards.py.
 
 tfds requires a builder to live in an importable module (not __main__), hence this file.
-Prepare it with `file_format="array_record"`: that path needs no TensorFlow.
+Prepare it with `prepare(builder)`: tfds writes ArrayRecord without TensorFlow, and TFRecord
+(its default format) here with the project's TFRecord framing in place of TensorFlow's writer.
 """
+
+import os
+from unittest import mock
 
 import tensorflow_datasets as tfds
 from PIL import Image
+from tensorflow_datasets.core import file_adapters
 
+from input_pipeline import tfrecord
 from input_pipeline.sources import fashion_mnist
 
 NUM = {"train": 6, "test": 3}
@@ -46,3 +52,40 @@ class TinyFashion(tfds.core.GeneratorBasedBuilder):
                     "caption": f"a photo of a {fashion_mnist.CLASSNAMES[label]}",
                 },
             )
+
+
+class TfOnlyText(tfds.features.Text):
+    """A text feature with TensorFlow decoding only (no `decode_example_np`), as custom
+    features written for tf.data often are."""
+
+    def decode_example_np(self, example_data):
+        raise NotImplementedError
+
+
+class TinyFashionTfOnlyCaption(TinyFashion):
+    """TinyFashion whose caption feature can only be decoded with TensorFlow."""
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        info = super()._info()
+        features = dict(info.features)
+        features["caption"] = TfOnlyText()
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+
+def _write_tfrecord(cls, path, iterator) -> None:
+    """tfds' TFRecord writer without TensorFlow: the same framing, from input_pipeline."""
+    with open(os.fspath(path), "wb") as f:
+        for _, serialized in iterator:
+            f.write(tfrecord.frame(serialized))
+
+
+def prepare(builder: tfds.core.DatasetBuilder) -> None:
+    """download_and_prepare, also for file_format="tfrecord" when TensorFlow is absent."""
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        writer = classmethod(_write_tfrecord)
+        with mock.patch.object(file_adapters.TfRecordFileAdapter, "write_examples", writer):
+            builder.download_and_prepare()
+    else:
+        builder.download_and_prepare()

@@ -19,7 +19,8 @@ Shards are PREFIX-SPLIT-00003-of-00016.tfrecord (PREFIX-00003-of-00016.tfrecord 
 without splits). Images are stored as JPEG (quality 95) with the short side at most 256 px,
 except Fashion-MNIST, stored as lossless greyscale PNG (28x28: smaller than JPEG, exact).
 The same input always gives the same bytes. Inputs that cannot be used are counted in the
-summary line and listed in PREFIX-bad_files.txt.
+summary line and listed in PREFIX-bad_files.txt; when none can be used, no shards are written
+and the command exits with status 1.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--split", default=None, help="split name in the shard names (optional)")
     p.add_argument("--max_pixels", type=int, default=89_478_485, help="larger images are bad")
 
-    p = sub.add_parser("tfds", help="a prepared tfds dataset (array_record), no TensorFlow")
+    p = sub.add_parser("tfds", help="a prepared tfds dataset (tfrecord, array_record), no TF")
     _common(p)
     p.add_argument("--name", required=True, help="dataset name, e.g. mnist or my_ds:1.0.0")
     p.add_argument("--data_dir", default=None, help="tfds data dir (default: tfds' own)")
@@ -263,6 +264,15 @@ def run_index(patterns: Sequence[str]) -> list[tuple[str, int]]:
 
 
 def main(argv: Sequence[str] | None = None):
+    """Runs the command line; exits with status 1 and a message when nothing usable was
+    written (every input bad), so scripts and CI stop here rather than at training time."""
+    try:
+        return _main(argv)
+    except shard_writer.NoRecordsError as e:
+        raise SystemExit(f"make_shards: error: {e}") from None
+
+
+def _main(argv: Sequence[str] | None):
     args = parse_args(argv)
     if args.source == "index":
         return run_index(args.paths)

@@ -6,8 +6,9 @@ the file name (`captions_val2017.json` -> `val2017`). Images are looked up in
 `images_dir/<split>/<file_name>` when that folder exists (the COCO layout, so one
 `--images_dir` serves several annotation files), else `images_dir/<file_name>`.
 
-Bad inputs are listed with where they came from: an image without captions, a caption whose
-image_id names no image, an empty caption, an image file that is missing or does not decode.
+Bad inputs are listed with where they came from (`FILE:images[n]` or `FILE:annotations[n]`,
+with the image path in the reason): an image without captions, a caption whose image_id
+names no image, an empty caption, an image file that is missing or does not decode.
 """
 
 from __future__ import annotations
@@ -76,11 +77,11 @@ def split_tasks(
             out.append(Bad(where, "image entry without file_name"))
             continue
         caps = [c for _, c in sorted(captions.get(img.get("id"), []), key=_id_order)]
-        if not caps:
-            out.append(Bad(os.path.join(folder, img["file_name"]), "image has no captions"))
-            continue
         path = os.path.join(folder, img["file_name"])
-        out.append(Task(img["file_name"], path, tuple(dict.fromkeys(caps)), max_pixels))
+        if not caps:
+            out.append(Bad(where, f"{path}: image has no captions"))
+            continue
+        out.append(Task(img["file_name"], path, tuple(dict.fromkeys(caps)), max_pixels, where))
         num_tasks += 1
     return out
 

@@ -41,22 +41,31 @@ EXTENSIONS = ("", ".jpg", ".jpeg", ".png", ".webp", ".JPEG", ".JPG", ".PNG", ".g
 
 @dataclasses.dataclass(frozen=True)
 class Task:
+    """One image to decode. `where`: the input that named it ("table.tsv:12", the first row
+    when several rows name the image), reported for a bad image; "" reports the path."""
+
     id: str
     path: str
     texts: tuple[str, ...]
     max_pixels: int | None
+    where: str = ""
 
 
 def process(task: Task, options: ImageOptions) -> Record | Bad:
-    """Decodes one image file into a record (a Bad naming the file when it cannot)."""
+    """Decodes one image file into a record; a Bad naming the row (file:line) and the image
+    when it cannot, so the row can be found and fixed."""
     path = resolve_extension(task.path)
     if path is None:
-        return Bad(task.path, "file not found")
+        return _bad_image(task, task.path, "file not found")
     try:
         img = open_image(path, max_pixels=task.max_pixels, max_short_side=options.max_short_side)
     except BadImageError as e:
-        return Bad(path, str(e))
+        return _bad_image(task, path, str(e))
     return Record(task.id, encode_image(img, options), task.texts, -1)
+
+
+def _bad_image(task: Task, path: str, reason: str) -> Bad:
+    return Bad(task.where, f"{path}: {reason}") if task.where else Bad(path, reason)
 
 
 def resolve_extension(path: str) -> str | None:
@@ -172,7 +181,7 @@ def table_plan(
         raise FileNotFoundError(f"{table}: no such file")
     if images_dir is not None and not os.path.isdir(images_dir):
         raise FileNotFoundError(f"--images_dir {images_dir}: not a directory")
-    merged: dict[str, list] = {}  # path -> [id, captions]
+    merged: dict[str, list] = {}  # path -> [id, captions, where of the first row]
     order: list[str | Bad] = []
     for item in read_table(
         table,
@@ -195,7 +204,7 @@ def table_plan(
             if caption not in merged[key][1]:
                 merged[key][1].append(caption)
             continue
-        merged[key] = [rel, [caption]]
+        merged[key] = [rel, [caption], where]
         order.append(key)
     tasks: list[Task | Bad] = []
     for item in order:
@@ -204,8 +213,8 @@ def table_plan(
         if isinstance(item, Bad):
             tasks.append(item)
             continue
-        sample_id, captions = merged[item]
-        tasks.append(Task(sample_id, item, tuple(captions), max_pixels))
+        sample_id, captions, where = merged[item]
+        tasks.append(Task(sample_id, item, tuple(captions), max_pixels, where))
     return Plan(name=name, splits={split: tasks}, process=process, default_format="jpeg")
 
 

@@ -10,9 +10,13 @@ over the shards of each split (so every shard sees every class), and writes besi
     PREFIX-SPLIT-00000-of-00004.tfrecord (+ .idx)   or  PREFIX-00000-of-00004.tfrecord
     PREFIX-SPLIT-stats.json    records per shard and per class      (PREFIX-stats.json)
     PREFIX-classnames.json     list of class names, index = label   (when labels exist)
-    PREFIX-bad_files.txt       every input that was skipped and why (always written)
+    PREFIX-bad_files.txt       every input that was skipped and why (always written), one
+                               line each: split, kind, input, reason; tab-separated, with
+                               tab, newline, CR and backslash inside a field escaped
 
 Bad inputs are never dropped silently: they are counted in the summary line and listed.
+When no input at all gives a record, `write_plan` writes only the bad-file list and raises
+NoRecordsError (a zero-record shard set would only fail later, far from its cause).
 """
 
 from __future__ import annotations
@@ -126,6 +130,10 @@ class Summary:
             f"{self.prefix}: wrote {' + '.join(parts)} records in {self.elapsed_s:.1f}s; "
             f"{n_bad} bad, {n_skip} skipped inputs (listed in {self.bad_files_path})"
         )
+
+
+class NoRecordsError(ValueError):
+    """Every input of a plan was bad (or there were none): nothing usable to write."""
 
 
 # ----------------------------------------------------------------------------- images
@@ -363,6 +371,7 @@ def write_plan(
     pool = _make_pool(workers) if workers > 1 and total >= 64 else None
     bad: list[tuple[str | None, Bad]] = []
     summaries: dict[str | None, SplitSummary] = {}
+    empty_splits: list[tuple[str | None, list[str]]] = []
     try:
         for split, tasks in plan.splits.items():
             n = num_shards_for(len(tasks), num_shards, records_per_shard)
@@ -397,9 +406,14 @@ def write_plan(
                 for w in writers:
                     w.abort()
                 raise
-            for w in writers:
-                w.close()
-            _remove_stale_shards(prefix, split, paths)
+            if written:
+                for w in writers:
+                    w.close()
+                _remove_stale_shards(prefix, split, paths)
+            else:  # written below, once another split is known to hold records
+                for w in writers:
+                    w.abort()
+                empty_splits.append((split, paths))
             split_bad = [b for s, b in bad if s == split]
             summaries[split] = SplitSummary(
                 split=split,
@@ -415,6 +429,17 @@ def write_plan(
             pool.close()
             pool.join()
 
+    bad_path = bad_files_path(prefix)
+    if not any(s.num_records for s in summaries.values()):
+        # A zero-record shard set only fails later, far from its cause: write the bad list
+        # (the message points to it) and nothing else.
+        _write_bad_files(bad_path, bad)
+        raise NoRecordsError(_no_records_message(prefix, total, bad, bad_path))
+    for split, paths in empty_splits:  # other splits hold records: keep the layout complete
+        for path in paths:
+            TFRecordWriter(path).close()
+        _remove_stale_shards(prefix, split, paths)
+
     names_path = None
     if plan.classnames is not None:
         names_path = classnames_path(prefix)
@@ -423,7 +448,6 @@ def write_plan(
         write_json(f"{prefix}-{suffix}", obj)
     for split, s in summaries.items():
         write_json(stats_path(prefix, split), _stats(plan, s, options))
-    bad_path = bad_files_path(prefix)
     _write_bad_files(bad_path, bad)
     return Summary(
         prefix=prefix,
@@ -433,6 +457,29 @@ def write_plan(
         classnames_path=names_path,
         elapsed_s=time.perf_counter() - start,
     )
+
+
+def _no_records_message(
+    prefix: str, total: int, bad: Sequence[tuple[str | None, Bad]], bad_path: str
+) -> str:
+    """Why nothing was written and where to look, for NoRecordsError."""
+    if total == 0:
+        message = f"{prefix}: the source found no inputs, so no shards were written"
+        hint = "Check the input paths and options (and --limit)."
+    else:
+        n_bad = sum(not b.skipped for _, b in bad)
+        n_skip = len(bad) - n_bad
+        message = (
+            f"{prefix}: no usable records, so no shards were written: all {total} inputs "
+            f"were bad ({n_bad} bad, {n_skip} skipped), each listed with its reason in "
+            f"{bad_path}"
+        )
+        hint = "Fix the inputs or the options that locate them (e.g. --images_dir) and rerun."
+    directory, base = os.path.split(prefix)
+    pattern = re.compile(re.escape(base) + r"-.*\d{5}-of-\d{5}\.tfrecord$")
+    if any(pattern.match(name) for name in os.listdir(directory or ".")):
+        hint += f" Shards of an earlier run under {prefix} were left as they were."
+    return f"{message}. {hint}"
 
 
 def _stats(plan: Plan, s: SplitSummary, options: ImageOptions) -> dict:
@@ -456,10 +503,28 @@ def _stats(plan: Plan, s: SplitSummary, options: ImageOptions) -> dict:
     }
 
 
+_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+def escape_field(text: str) -> str:
+    """`text` with backslash, newline, carriage return and tab written as \\\\ \\n \\r \\t,
+    so that a field of the tab-separated bad-file list never splits a line or a column."""
+    return text.translate(_ESCAPES)
+
+
 def _write_bad_files(path: str, bad: Sequence[tuple[str | None, Bad]]) -> None:
-    lines = ["# split\tkind\tinput\treason\n"]
+    """One line per bad input: split, kind, input, reason (fields escaped, tab-separated)."""
+    lines = ["# split\tkind\tinput\treason (\\t \\n \\r \\\\ escaped)\n"]
     lines += [
-        f"{split or '-'}\t{'skipped' if b.skipped else 'bad'}\t{b.where}\t{b.reason}\n"
+        "\t".join(
+            [
+                escape_field(split or "-"),
+                "skipped" if b.skipped else "bad",
+                escape_field(b.where),
+                escape_field(b.reason),
+            ]
+        )
+        + "\n"
         for split, b in bad
     ]
     tmp = path + ".tmp"

@@ -5,6 +5,16 @@ directory and renames it on commit, so a crash mid-write never leaves a step tha
 would pick up. Saves are async: training continues while arrays are written, and a write that
 fails (disk full, permissions) surfaces at the next save, wait or close as a
 `CheckpointWriteError` naming the step, the cause and the last complete checkpoint.
+
+Integrity: once orbax has committed a step (checked at the next save, wait or close),
+`checkpoints/checksums/<step>.json` records the sha256 of every file in it
+(mmssl_jax/checksums.py; beside the steps, not inside them, so orbax's step listing and
+keep-N cleanup never see it; manifests of deleted steps are removed).
+Restore verifies the step first. A file that changed on disk is named in a warning, the step
+is moved to `checkpoints/corrupt/<step>` (out of orbax's way, so training can save that step
+again) and the newest checkpoint that verifies is restored instead; when none does,
+`CheckpointCorruptError`. A step without a manifest (written before checksums existed, or by
+a process killed between commit and manifest) restores unverified, with an info line.
 """
 
 from __future__ import annotations
@@ -18,6 +28,11 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from mmssl_jax import checksums
+
+CHECKSUMS_DIR = "checksums"  # checkpoints/checksums/<step>.json
+CORRUPT_DIR = "corrupt"  # checkpoints/corrupt/<step>: steps that failed verification
 
 
 class CheckpointMismatchError(ValueError):
@@ -39,6 +54,10 @@ class CheckpointWriteError(RuntimeError):
             f"{type(cause).__name__}: {cause}. {kept}"
         )
         self.step, self.directory, self.latest = step, directory, latest
+
+
+class CheckpointCorruptError(RuntimeError):
+    """No checkpoint (at or before the requested step) matches its checksum manifest."""
 
 
 class Checkpointer:
@@ -86,6 +105,8 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+        if self._writing is not None:  # orbax would wait for it too; then seal it
+            self.wait()
         saved = self._reporting_write_errors(
             lambda: self.manager.save(
                 step, args=ocp.args.Composite(**items), metrics=metrics, force=force
@@ -99,8 +120,15 @@ class Checkpointer:
     def restore(
         self, abstract_state: Any, data_iter: grain.DatasetIterator | None, step: int | None = None
     ) -> Any:
-        """Restores `step` (default latest) onto the shardings of `abstract_state`."""
+        """Restores `step` (default latest) onto the shardings of `abstract_state`.
+
+        The step is verified against its checksum manifest first; a corrupt one is reported,
+        moved aside, and the newest older step that verifies is restored instead (see the
+        module docstring).
+        """
         step = self.latest_step() if step is None else step
+        if step is not None and step in self.manager.all_steps():
+            step = self._verified_step(step)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -114,7 +142,10 @@ class Checkpointer:
         return restored.state
 
     def wait(self) -> None:
+        """Waits for the save in flight; once it is committed, writes its checksum manifest."""
         self._reporting_write_errors(self.manager.wait_until_finished)
+        if self._writing is not None:
+            self._write_manifest(self._writing)
         self._writing = None
 
     def close(self) -> None:
@@ -134,6 +165,115 @@ class Checkpointer:
                 if not self._failed:
                     raise
                 logging.warning("closing the checkpoint manager after a write error: %s", e)
+            self._remove_stale_manifests()  # orbax's keep-N deletions are done by now
+
+    # ------------------------------------------------------------------------ checksums
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))  # orbax's default step names
+
+    def _manifest_path(self, step: int) -> str:
+        return os.path.join(self.directory, CHECKSUMS_DIR, f"{step}.json")
+
+    def _write_manifest(self, step: int) -> None:
+        """Checksums a committed step (primary process only: the files are shared). A failure
+        leaves the step restorable, unverified, and is logged rather than raised."""
+        if jax.process_index() == 0 and os.path.isdir(self._step_dir(step)):
+            try:
+                checksums.write_manifest(self._step_dir(step), self._manifest_path(step))
+            except OSError as e:
+                logging.warning(
+                    "checkpoint step %d: could not write its checksum manifest %s (%s); the "
+                    "step is complete but will restore unverified",
+                    step,
+                    self._manifest_path(step),
+                    e,
+                )
+        self._remove_stale_manifests()
+
+    def _remove_stale_manifests(self) -> None:
+        """Deletes the manifests of steps orbax no longer has (keep-N cleanup)."""
+        folder = os.path.join(self.directory, CHECKSUMS_DIR)
+        if jax.process_index() != 0 or not os.path.isdir(folder):
+            return
+        for name in os.listdir(folder):
+            stem = name.removesuffix(".json")
+            if stem.isdigit() and not os.path.isdir(self._step_dir(int(stem))):
+                os.remove(os.path.join(folder, name))
+
+    def _problem(self, step: int) -> str | None:
+        """Why `step` fails verification, or None when it verifies (or has no manifest)."""
+        manifest, step_dir = self._manifest_path(step), self._step_dir(step)
+        if not os.path.exists(manifest):
+            logging.info(
+                "checkpoint step %d has no checksum manifest (written before checksums, or "
+                "interrupted before it); restoring it unverified",
+                step,
+            )
+            return None
+        try:
+            bad = checksums.verify_manifest(step_dir, manifest)
+        except checksums.ManifestError as e:
+            return str(e)
+        if not bad:
+            return None
+        first = os.path.join(step_dir, *bad[0].split("/"))
+        what = "is missing" if not os.path.exists(first) else "does not match its sha256"
+        more = f" (and {len(bad) - 1} more files)" if len(bad) > 1 else ""
+        return f"{first} {what} in {manifest}{more}"
+
+    def _verified_step(self, step: int) -> int:
+        """`step` if it verifies, else the newest earlier step that does (corrupt steps are
+        moved to checkpoints/corrupt/); CheckpointCorruptError when none does."""
+        candidates = sorted((s for s in self.manager.all_steps() if s <= step), reverse=True)
+        corrupt: list[tuple[int, str]] = []
+        chosen = None
+        for candidate in candidates:
+            problem = self._problem(candidate)
+            if problem is None:
+                chosen = candidate
+                break
+            logging.warning("checkpoint step %d is corrupt: %s", candidate, problem)
+            corrupt.append((candidate, problem))
+        if chosen is None:
+            raise CheckpointCorruptError(
+                f"no checkpoint in {self.directory} verifies: "
+                + "; ".join(f"step {s}: {p}" for s, p in corrupt)
+                + ". Restore the files from a backup, or move the checkpoints away to "
+                "start afresh."
+            )
+        if corrupt:
+            moved = self._quarantine([s for s, _ in corrupt])
+            logging.warning(
+                "restoring checkpoint step %d, the newest one that verifies, instead of "
+                "corrupt step(s) %s (moved to %s)",
+                chosen,
+                ", ".join(str(s) for s, _ in corrupt),
+                moved,
+            )
+        return chosen
+
+    def _quarantine(self, steps: list[int]) -> str:
+        """Moves corrupt steps (and their manifests) to checkpoints/corrupt/, where orbax
+        does not list them: left in place, orbax would skip or refuse saving those steps."""
+        folder = os.path.join(self.directory, CORRUPT_DIR)
+        if jax.process_index() == 0:
+            os.makedirs(folder, exist_ok=True)
+            for step in steps:
+                target = os.path.join(folder, str(step))
+                suffix = 1
+                while os.path.exists(target):  # corrupt twice: keep both
+                    target = os.path.join(folder, f"{step}.{suffix}")
+                    suffix += 1
+                os.rename(self._step_dir(step), target)
+                if os.path.exists(self._manifest_path(step)):
+                    os.rename(self._manifest_path(step), f"{target}.{CHECKSUMS_DIR}.json")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("mmssl_jax.checkpoint.quarantine")
+        self.manager.reload()
+        return folder
 
     def _reporting_write_errors(self, fn: Any, step: int | None = None) -> Any:
         """Runs `fn`; an error of an async write (or of this one) becomes a

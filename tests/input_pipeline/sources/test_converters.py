@@ -196,8 +196,8 @@ def test_open_clip_csv(tmp_path):
     np.testing.assert_array_equal(pixels(recs["1.png"]["image"]), imgs[1])
     np.testing.assert_array_equal(pixels(recs[str(tmp_path / "img" / "2.png")]["image"]), imgs[2])
     assert recs["cat.png"]["texts"] == ["cat face"]
-    assert [(w, r) for _, w, r in bad_lines(prefix)] == [
-        (str(tmp_path / "img" / "missing.png"), "file not found"),
+    assert [(w, r) for _, w, r in bad_lines(prefix)] == [  # file:line, as for a row
+        (f"{table}:6", f"{tmp_path / 'img' / 'missing.png'}: file not found"),
         (f"{table}:7", "empty caption"),
     ]
 
@@ -250,12 +250,12 @@ def test_coco_captions(tmp_path):
     assert recs["000000000002.png"]["texts"] == ["a bag"]
     rgb = pixels(recs["000000000001.png"]["image"])
     np.testing.assert_array_equal(rgb[..., 0], imgs[1])
-    reasons = sorted(r for _, _, r in bad_lines(prefix))
-    assert reasons == [
-        "empty or missing caption",
-        "file not found",
-        "image has no captions",
-        "image_id 99 names no image",
+    folder = tmp_path / "coco" / "val2017"
+    assert sorted((w, r) for _, w, r in bad_lines(prefix)) == [
+        (f"{ann_path}:annotations[5]", "empty or missing caption"),
+        (f"{ann_path}:annotations[7]", "image_id 99 names no image"),
+        (f"{ann_path}:images[3]", f"{folder / '000000000003.png'}: file not found"),
+        (f"{ann_path}:images[4]", f"{folder / '000000000004.png'}: image has no captions"),
     ]
 
 
@@ -279,11 +279,11 @@ def test_cc3m_tsv_with_images_on_disk(tmp_path):
     assert summary.num_records == 2 and sorted(recs) == ["00000", "00002"]
     assert recs["00002"]["texts"] == ["caption number 2"]
     np.testing.assert_array_equal(pixels(recs["00000"]["image"]), imgs[0])
-    bad = sorted((os.path.basename(w), r.split(" (")[0]) for _, w, r in bad_lines(prefix))
-    assert bad == [
-        ("00001", "file not found"),
-        ("00003.png", "cannot decode image"),
-        ("00004", "file not found"),
+    dl = tmp_path / "dl"
+    assert [(w, r.split(" (")[0]) for _, w, r in bad_lines(prefix)] == [  # TSV line, image
+        (f"{tsv}:2", f"{dl / '00001'}: file not found"),
+        (f"{tsv}:4", f"{dl / '00003.png'}: cannot decode image"),
+        (f"{tsv}:5", f"{dl / '00004'}: file not found"),
     ]
 
     # Files named by the sha1 of the URL, a header row; URLs without --filename are bad.
@@ -295,8 +295,8 @@ def test_cc3m_tsv_with_images_on_disk(tmp_path):
     prefix2 = str(tmp_path / "cc3m_sha")
     args = ["cc3m", str(tsv2), "--images_dir", str(tmp_path / "dl"), "--output", prefix2]
     assert make_shards.main(args + ["--filename", "{sha1}.png"] + PNG_OUT).num_records == 5
-    summary = make_shards.main(args + ["--filename", "{value}"] + PNG_OUT)
-    assert summary.num_records == 0
+    with pytest.raises(SystemExit, match=r"all 5 inputs were bad \(5 bad, 0 skipped\)"):
+        make_shards.main(args + ["--filename", "{value}"] + PNG_OUT)
     assert all("is a URL" in r for _, _, r in bad_lines(prefix2)) and len(bad_lines(prefix2)) == 5
 
 

@@ -7,6 +7,7 @@ splits, the bad-file list, determinism and the .idx.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import importlib.util
 import io
@@ -14,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from PIL import Image
 
 from input_pipeline import tfrecord
 from input_pipeline.records import decode_example
-from input_pipeline.sources import emoji, fashion_mnist, shard_writer
+from input_pipeline.sources import emoji, fashion_mnist, shard_writer, tfds_source
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 import make_shards  # noqa: E402
@@ -206,6 +208,82 @@ def test_folder_jsonl_and_csv(tmp_path):
     ]
 
 
+def _all_bad_folder(tmp_path) -> str:
+    """An images directory whose two images are both unusable (cut short)."""
+    images, _ = _idx_images("test")
+    root = tmp_path / "all_bad"
+    root.mkdir(parents=True)
+    buf = io.BytesIO()
+    Image.fromarray(images[0]).save(buf, format="PNG")
+    for name in ("x.png", "y.png"):
+        (root / name).write_bytes(buf.getvalue()[:60])
+    return str(root)
+
+
+def test_all_inputs_bad_exits_nonzero_and_writes_no_shards(tmp_path):
+    """`wrote 0 records; 2 bad` used to exit 0 and leave a zero-record shard set behind."""
+    root = _all_bad_folder(tmp_path)
+    out = tmp_path / "out"
+    prefix = str(out / "bad")
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "make_shards.py")
+    result = subprocess.run(
+        [sys.executable, script, "folder", "--images_dir", root, "--output", prefix, "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert "no shards were written" in message and "(2 bad, 0 skipped)" in message
+    assert prefix + "-bad_files.txt" in message
+    assert sorted(os.listdir(out)) == ["bad-bad_files.txt"]
+    assert sorted(os.path.basename(b[2]) for b in _bad_lines(prefix)) == ["x.png", "y.png"]
+
+
+def test_all_inputs_bad_leaves_an_earlier_shard_set_unchanged(tmp_path):
+    prefix = str(tmp_path / "shards" / "fm")
+    make_shards.main(["fashion_mnist", "--output", prefix, "--limit", "5", "--quiet"])
+    before = _shard_set_bytes(prefix)
+    root = _all_bad_folder(tmp_path)
+    with pytest.raises(SystemExit, match="earlier run .* left as they were") as exc:
+        make_shards.main(["folder", "--images_dir", root, "--output", prefix, "--quiet"])
+    assert "all 2 inputs were bad" in str(exc.value)
+    after = _shard_set_bytes(prefix)
+    assert after.pop("fm-bad_files.txt") != before.pop("fm-bad_files.txt")
+    assert after == before
+    with pytest.raises(shard_writer.NoRecordsError, match="found no inputs"):
+        shard_writer.write_plan(
+            shard_writer.Plan("empty", {"train": []}, process=None),
+            str(tmp_path / "empty" / "e"),
+            progress=False,
+        )
+    assert os.listdir(tmp_path / "empty") == ["e-bad_files.txt"]
+
+
+def _record_or_bad(task: str, options: shard_writer.ImageOptions):
+    if task == "good":
+        return shard_writer.Record("good", b"not decoded here", ("a caption",))
+    return shard_writer.Bad("dir\\with\ttab/x.png", "cannot decode image (line one\nline two\r)")
+
+
+def test_bad_files_list_escapes_newlines_one_line_per_input(tmp_path):
+    """A reason holding a newline used to split its bad input over two lines."""
+    prefix = str(tmp_path / "esc")
+    plan = shard_writer.Plan("esc", {None: ["good", "bad"]}, process=_record_or_bad)
+    summary = shard_writer.write_plan(plan, prefix, workers=1, progress=False)
+    assert summary.num_records == 1
+    with open(prefix + "-bad_files.txt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    assert len(lines) == 3 and lines[0].startswith("#") and lines[2] == ""
+    fields = lines[1].split("\t")
+    assert fields == [
+        "-",
+        "bad",
+        "dir\\\\with\\ttab/x.png",
+        "cannot decode image (line one\\nline two\\r)",
+    ]
+
+
 def _load_tfds_builder_module():
     """tests/tfds_tiny_builder.py imported as a top-level module: for a builder inside a
     package, tfds 4.9.10 locates its code through `importlib_resources`, a package it does
@@ -220,11 +298,15 @@ def _load_tfds_builder_module():
     return sys.modules[name]
 
 
-def test_tfds_source(tmp_path):
+@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
+def test_tfds_source(tmp_path, file_format):
+    """Both tfds file formats; TFRecord (tfds' default) used to fail with tfds'
+    NotImplementedError "Random access data source for file format FileFormat.TFRECORD"."""
     tfds_tiny_builder = _load_tfds_builder_module()
     data_dir = str(tmp_path / "tfds")
-    builder = tfds_tiny_builder.TinyFashion(data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare()
+    builder = tfds_tiny_builder.TinyFashion(data_dir=data_dir, file_format=file_format)
+    tfds_tiny_builder.prepare(builder)
+    assert not any(n.endswith(".idx") for n in os.listdir(builder.data_dir))
     prefix = str(tmp_path / "tiny")
     make_shards.main(
         ["tfds", "--name", "tiny_fashion", "--data_dir", data_dir, "--split", "train,test"]
@@ -242,6 +324,51 @@ def test_tfds_source(tmp_path):
             label = originals[pixels.tobytes()]
             assert r["label"] == label
             assert r["texts"] == [f"a photo of a {fashion_mnist.CLASSNAMES[label]}"]
+    assert not any(n.endswith(".idx") for n in os.listdir(builder.data_dir))  # read-only
+
+
+def test_tfds_tfrecord_sub_split(tmp_path):
+    """A sub-split of TFRecord files reads the records tfds' file instructions name."""
+    tfds_tiny_builder = _load_tfds_builder_module()
+    data_dir = str(tmp_path / "tfds")
+    tfds_tiny_builder.prepare(
+        tfds_tiny_builder.TinyFashion(data_dir=data_dir, file_format="tfrecord")
+    )
+    prefix = str(tmp_path / "sub")
+    summary = make_shards.main(
+        ["tfds", "--name", "tiny_fashion", "--data_dir", data_dir, "--split", "train[2:5]"]
+        + ["--format", "png", "--output", prefix, "--quiet"]
+    )
+    full = make_shards.main(
+        ["tfds", "--name", "tiny_fashion", "--data_dir", data_dir, "--split", "train"]
+        + ["--format", "png", "--output", str(tmp_path / "full"), "--quiet"]
+    )
+    assert summary.num_records == 3 and full.num_records == 6
+    # glob.escape: the split name "train[2:5]" goes into the shard names as it is
+    sub = tfrecord.TFRecordSource([glob.escape(p) for p in summary.splits["train[2:5]"].shards])
+    whole = tfrecord.TFRecordSource(full.splits["train"].shards)
+    images = [decode_example(sub[i])["image"] for i in range(3)]
+    assert images == [decode_example(whole[i])["image"] for i in range(2, 5)]
+
+
+@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
+def test_tfds_feature_needing_tensorflow_is_a_clear_error(tmp_path, file_format):
+    """A used feature without NumPy decoding used to make every record bad (empty shards,
+    exit 0); now the error names the dataset and the feature. Unused, it does not matter."""
+    tfds_tiny_builder = _load_tfds_builder_module()
+    data_dir = str(tmp_path / "tfds")
+    builder = tfds_tiny_builder.TinyFashionTfOnlyCaption(data_dir=data_dir, file_format=file_format)
+    tfds_tiny_builder.prepare(builder)
+    prefix = str(tmp_path / "out" / "tf_only")
+    args = ["tfds", "--name", builder.name, "--data_dir", data_dir, "--split", "train"]
+    args += ["--output", prefix, "--quiet"]
+    with pytest.raises(tfds_source.TensorFlowRequiredError) as exc:
+        make_shards.main(args + ["--text_key", "caption"])
+    message = str(exc.value)
+    assert message.startswith("tiny_fashion_tf_only_caption: feature 'caption' (TfOnlyText)")
+    assert "TensorFlow" in message and "--text_key" in message
+    assert not os.path.exists(tmp_path / "out")
+    assert make_shards.main(args).num_records == tfds_tiny_builder.NUM["train"]
 
 
 def test_index_command_rebuilds_deleted_idx(tmp_path, capsys):
