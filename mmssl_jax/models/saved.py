@@ -30,7 +30,6 @@ model config builds is an error naming it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -40,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from mmssl_jax.checksums import file_sha256
 
 FORMAT = "mmssl_jax-export"
 VERSION = 1
@@ -117,14 +118,6 @@ def check_variables(
             )
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(directory: str) -> dict[str, Any]:
     """(Re)writes manifest.json with the sha256 and size of every other file."""
     files = {}
@@ -132,7 +125,7 @@ def write_manifest(directory: str) -> dict[str, Any]:
         path = os.path.join(directory, name)
         if name == MANIFEST or not os.path.isfile(path):
             continue
-        files[name] = {"sha256": _sha256(path), "bytes": os.path.getsize(path)}
+        files[name] = {"sha256": file_sha256(path), "bytes": os.path.getsize(path)}
     manifest = {"format": FORMAT, "version": VERSION, "files": files}
     with open(os.path.join(directory, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
@@ -180,7 +173,7 @@ def verify_export(directory: str) -> dict[str, Any]:
                 f"{path}: size {size} bytes differs from the manifest's {entry.get('bytes')}; "
                 "the file was modified or truncated"
             )
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if digest != entry.get("sha256"):
             raise ExportError(
                 f"{path}: sha256 {digest} differs from the manifest's {entry.get('sha256')}; "

@@ -31,6 +31,7 @@ from absl import logging
 
 from mmssl_jax import checksums
 
+CHECKPOINTS_DIR = "checkpoints"  # workdir/checkpoints/<step>
 CHECKSUMS_DIR = "checksums"  # checkpoints/checksums/<step>.json
 CORRUPT_DIR = "corrupt"  # checkpoints/corrupt/<step>: steps that failed verification
 
@@ -60,8 +61,16 @@ class CheckpointCorruptError(RuntimeError):
     """No checkpoint (at or before the requested step) matches its checksum manifest."""
 
 
+def checkpoints_dir(workdir: str) -> str:
+    """Where a run keeps its checkpoints: `workdir/checkpoints`."""
+    return os.path.abspath(os.path.join(workdir, CHECKPOINTS_DIR))
+
+
 class Checkpointer:
-    """Keeps the last `keep` checkpoints plus the best one by `best_metric` (if given)."""
+    """Keeps the last `keep` checkpoints plus the best one by `best_metric` (if given).
+
+    `read_only=True` only reads (export, `--mode=eval`, init-from): it never creates,
+    cleans up or moves anything, so it cannot disturb a run that is still writing."""
 
     def __init__(
         self,
@@ -70,8 +79,19 @@ class Checkpointer:
         best_metric: str | None = None,
         best_mode: str = "max",
         async_save: bool = True,
+        read_only: bool = False,
     ):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = checkpoints_dir(workdir)
+        self.read_only = read_only
+        if read_only:
+            if not os.path.isdir(self.directory):
+                raise FileNotFoundError(f"no checkpoints in {self.directory}; train first")
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, save_interval_steps=0, create=False
+            )
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+            self._writing, self._failed = None, False
+            return
         policies = [ocp.checkpoint_managers.LatestN(keep)]
         if best_metric:
             policies.append(
@@ -140,6 +160,28 @@ class Checkpointer:
                 f"{first_mismatch(self.manager, step, abstract_state) or e}"
             ) from e
         return restored.state
+
+    def restore_partial(self, item: Any, step: int | None = None) -> tuple[Any, int]:
+        """(the subtree `item` of the saved state, step): an orbax partial restore onto the
+        shardings of `item`'s ShapeDtypeStructs (e.g. only the model variables, never the
+        optimizer state), of `step` (default latest), verified like `restore`."""
+        steps = list(self.manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints in {self.directory}; train first")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise ValueError(
+                f"no checkpoint for step {step} in {self.directory}; have {sorted(steps)}"
+            )
+        step = self._verified_step(step)
+        restore = ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        )
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=restore))
+        return restored.state, int(step)
 
     def wait(self) -> None:
         """Waits for the save in flight; once it is committed, writes its checksum manifest."""
@@ -242,7 +284,14 @@ class Checkpointer:
                 + ". Restore the files from a backup, or move the checkpoints away to "
                 "start afresh."
             )
-        if corrupt:
+        if corrupt and self.read_only:
+            logging.warning(
+                "restoring checkpoint step %d, the newest one that verifies, instead of "
+                "corrupt step(s) %s (left in place: this reader is read-only)",
+                chosen,
+                ", ".join(str(s) for s, _ in corrupt),
+            )
+        elif corrupt:
             moved = self._quarantine([s for s, _ in corrupt])
             logging.warning(
                 "restoring checkpoint step %d, the newest one that verifies, instead of "

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from mmssl_jax.training.checkpoint import checkpoints_dir
 from mmssl_jax.training.param_rules import flat_params, path_of
 
 PARAMS_FILE = "params.safetensors"
@@ -66,7 +67,7 @@ def _checkpoint_step_dir(path: str) -> tuple[str, int] | None:
     base = os.path.basename(path)
     if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
         return os.path.dirname(path), int(base)
-    for ckpt_dir in (os.path.join(path, "checkpoints"), path):
+    for ckpt_dir in (checkpoints_dir(path), path):
         if not os.path.isdir(ckpt_dir):
             continue
         steps = [

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 
+from mmssl_jax.config_utils import import_extensions
 from mmssl_jax.models.saved import (
     check_variables,
     expected_shapes,
@@ -43,13 +44,16 @@ def restore_variables(config: Any, workdir: str, step: int | None = None) -> tup
     and training-only heads are not read, so the export does not depend on how the trainer
     lays out the rest of its state. Arrays land on one device, whatever mesh wrote them.
     """
-    import orbax.checkpoint as ocp
-
     from mmssl_jax.models.registry import build_model
-    from mmssl_jax.training.checkpoint import CheckpointMismatchError
+    from mmssl_jax.training.checkpoint import (
+        Checkpointer,
+        CheckpointMismatchError,
+        checkpoints_dir,
+    )
     from mmssl_jax.training.state import resolve_model_config
 
-    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    import_extensions(config.get("extensions") or ())  # a user's heads build as in training
+    ckpt_dir = checkpoints_dir(workdir)
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoints in {ckpt_dir}; train first")
     model_cfg = resolve_model_config(config)
@@ -61,32 +65,20 @@ def restore_variables(config: Any, workdir: str, step: int | None = None) -> tup
     for path, shape in expected_shapes(model, size, context).items():
         item[path] = jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
     item = unflatten_variables(item)
-    # A read-only manager: unlike the trainer's, it never cleans up temporary directories,
-    # so exporting while the run is still training cannot disturb a checkpoint being written.
-    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-    manager = ocp.CheckpointManager(ckpt_dir, options=options)
+    # A read-only reader: it never cleans up temporary directories, so exporting while the
+    # run is still training cannot disturb a checkpoint being written.
+    reader = Checkpointer(workdir, read_only=True)
     try:
-        steps = list(manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(f"no checkpoints in {ckpt_dir}; train first")
-        if step is None:
-            step = max(steps)
-        elif step not in steps:
-            raise ValueError(f"no checkpoint for step {step} in {ckpt_dir}; have {sorted(steps)}")
-        restore = ocp.args.PyTreeRestore(
-            item=item,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True,
-        )
-        try:
-            variables = manager.restore(step, args=ocp.args.Composite(state=restore)).state
-        except (ValueError, KeyError) as e:
-            raise CheckpointMismatchError(
-                f"checkpoint {ckpt_dir}/{step} does not hold the variables of the config's "
-                f"model ({model_cfg.get('image_encoder')}, {model_cfg.get('text_encoder')}): {e}"
-            ) from e
+        variables, step = reader.restore_partial(item, step)
+    except (ValueError, KeyError) as e:
+        if "no checkpoint for step" in str(e):
+            raise
+        raise CheckpointMismatchError(
+            f"checkpoint {ckpt_dir}/{step} does not hold the variables of the config's "
+            f"model ({model_cfg.get('image_encoder')}, {model_cfg.get('text_encoder')}): {e}"
+        ) from e
     finally:
-        manager.close()
+        reader.close()
     variables = jax.device_get(dict(variables))
     check_variables(
         flatten_variables(variables),
