@@ -136,6 +136,8 @@ def recipe(
     """The full config for `method` x `size` (its lr/wd), optionally with other objective
     terms. `extensions`: modules or .py files registering terms, outputs, heads or
     evaluators of a user's own; imported here and by every run of the config."""
+    # .py paths are made absolute now, so the run's config.json works from any folder.
+    extensions = tuple(os.path.abspath(e) if str(e).endswith(".py") else e for e in extensions)
     import_extensions(extensions)
     if method not in RECIPES:
         raise ValueError(f"unknown method {method!r}; valid: {sorted(RECIPES)}")

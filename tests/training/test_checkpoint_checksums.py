@@ -1,4 +1,4 @@
-"""mmssl_jax/checkpoint.py: checksum manifests of committed steps, verified at restore.
+"""mmssl_jax/training/checkpoint.py: checksum manifests of committed steps, verified at restore.
 
 A tiny state (a few random arrays, like a model's params and an optimizer count) is saved
 with the real Checkpointer and orbax; no training, so each test takes seconds.
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmssl_jax.checkpoint import CheckpointCorruptError, Checkpointer
+from mmssl_jax.training.checkpoint import CheckpointCorruptError, Checkpointer
 
 
 def _state(seed: int) -> dict:
