@@ -244,3 +244,48 @@ def _ssl_augment(images, key, indices, cfg: AugmentConfig) -> jax.Array:
     out = jax.vmap(lambda im, k: _augment_one(im, k, cfg))(to_float(images), keys)
     # Blur weights sum to 1 only up to rounding: keep the [0, 1] promise exactly.
     return jnp.clip(out, 0.0, 1.0)
+
+
+# ---- geometry on the device (fine-tuning) ---------------------------------------------
+
+
+def random_resized_crop(
+    image: jax.Array,
+    key: jax.Array,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> jax.Array:
+    """RandomResizedCrop of one float image [H, W, C] back to [H, W, C] (bilinear,
+    antialiased): a box of U(scale) of the area and log-uniform aspect `ratio`, clipped to
+    the image, at a uniform position."""
+    h, w = image.shape[:2]
+    k_area, k_ratio, k_y, k_x = jax.random.split(key, 4)
+    area = jax.random.uniform(k_area, (), minval=scale[0], maxval=scale[1]) * h * w
+    log_r = jax.random.uniform(k_ratio, (), minval=math.log(ratio[0]), maxval=math.log(ratio[1]))
+    aspect = jnp.exp(log_r)
+    cw = jnp.clip(jnp.sqrt(area * aspect), 1.0, w)
+    ch = jnp.clip(jnp.sqrt(area / aspect), 1.0, h)
+    y0 = jax.random.uniform(k_y, ()) * (h - ch)
+    x0 = jax.random.uniform(k_x, ()) * (w - cw)
+    sy, sx = h / ch, w / cw
+    return jax.image.scale_and_translate(
+        image,
+        image.shape,
+        (0, 1),
+        jnp.stack([sy, sx]),
+        jnp.stack([-y0 * sy, -x0 * sx]),
+        method="linear",
+        antialias=True,
+    )
+
+
+def crop_flip(
+    images: jax.Array, key: jax.Array, scale: tuple[float, float] = (0.08, 1.0)
+) -> jax.Array:
+    """uint8 [B, H, W, 3] -> float32 in [0, 1]: random resized crop, then a flip with p=0.5."""
+    x = to_float(images)
+    k_crop, k_flip = jax.random.split(key)
+    keys = jax.random.split(k_crop, x.shape[0])
+    x = jax.vmap(lambda im, k: random_resized_crop(im, k, scale))(x, keys)
+    flip = jax.random.bernoulli(k_flip, 0.5, (x.shape[0], 1, 1, 1))
+    return jnp.clip(jnp.where(flip, x[:, :, ::-1], x), 0.0, 1.0)

@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 from input_pipeline import augment
 from mmssl_jax.evaluation import context
 from mmssl_jax.training import optim
+from mmssl_jax.training.state import TrainState
+from mmssl_jax.training.step import LossFn, make_step
 
 TOWER = "image_encoder"  # the parameter scope layer_decay's rules know (param_rules.TOWERS)
 # The evaluation config keys `finetune` takes as keyword arguments.
@@ -105,51 +107,6 @@ def init_variables(
     return out
 
 
-# ----------------------------------------------------------------------------- augmentation
-
-
-def random_resized_crop(
-    image: jax.Array,
-    key: jax.Array,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> jax.Array:
-    """RandomResizedCrop of one float image [H, W, C] back to [H, W, C] (bilinear,
-    antialiased): a box of U(scale) of the area and log-uniform aspect `ratio`, clipped to
-    the image, at a uniform position."""
-    h, w = image.shape[:2]
-    k_area, k_ratio, k_y, k_x = jax.random.split(key, 4)
-    area = jax.random.uniform(k_area, (), minval=scale[0], maxval=scale[1]) * h * w
-    log_r = jax.random.uniform(k_ratio, (), minval=math.log(ratio[0]), maxval=math.log(ratio[1]))
-    aspect = jnp.exp(log_r)
-    cw = jnp.clip(jnp.sqrt(area * aspect), 1.0, w)
-    ch = jnp.clip(jnp.sqrt(area / aspect), 1.0, h)
-    y0 = jax.random.uniform(k_y, ()) * (h - ch)
-    x0 = jax.random.uniform(k_x, ()) * (w - cw)
-    sy, sx = h / ch, w / cw
-    return jax.image.scale_and_translate(
-        image,
-        image.shape,
-        (0, 1),
-        jnp.stack([sy, sx]),
-        jnp.stack([-y0 * sy, -x0 * sx]),
-        method="linear",
-        antialias=True,
-    )
-
-
-def augment_batch(
-    images: jax.Array, key: jax.Array, scale: tuple[float, float] = (0.08, 1.0)
-) -> jax.Array:
-    """uint8 [B, H, W, 3] -> float32 in [0, 1]: random resized crop, then a flip with p=0.5."""
-    x = augment.to_float(images)
-    k_crop, k_flip = jax.random.split(key)
-    keys = jax.random.split(k_crop, x.shape[0])
-    x = jax.vmap(lambda im, k: random_resized_crop(im, k, scale))(x, keys)
-    flip = jax.random.bernoulli(k_flip, 0.5, (x.shape[0], 1, 1, 1))
-    return jnp.clip(jnp.where(flip, x[:, :, ::-1], x), 0.0, 1.0)
-
-
 # ----------------------------------------------------------------------------- steps
 
 
@@ -162,33 +119,47 @@ def _apply(model: Classifier, variables: dict, x: jax.Array, train: bool):
     return model.apply(variables, x, train), {k: variables[k] for k in extra}
 
 
+def classifier_loss(model: Classifier, crop_scale: tuple[float, float] | None) -> LossFn:
+    """Cross-entropy of the classifier on device-augmented views (`augment.crop_flip`;
+    `crop_scale` None: the images as given), as a LossFn for training's `make_step`."""
+
+    def loss_fn(params, batch_stats, batch, key, ema=None):
+        if crop_scale is None:
+            x = augment.to_float(batch["image"])
+        else:
+            x = augment.crop_flip(batch["image"], key, tuple(crop_scale))
+        variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+        logits, extra = _apply(model, variables, augment.normalize(x), True)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        return loss, ({}, extra.get("batch_stats", batch_stats))
+
+    return loss_fn
+
+
 def make_train_step(
     model: Classifier,
     tx: optax.GradientTransformation,
     *,
     crop_scale: tuple[float, float] | None = (0.08, 1.0),
 ):
-    """A jitted step (variables, opt_state, images uint8, labels, key) ->
-    (variables, opt_state, loss); `crop_scale` None trains on the images as given."""
+    """The jitted training step (`training.step.make_step`, the one pretraining uses: the
+    same optimizer, non-finite guard and counters) of `classifier_loss`:
+    (TrainState, {"image": uint8, "label": int32}) -> (TrainState, metrics)."""
+    return jax.jit(make_step(tx, classifier_loss(model, crop_scale)))
 
-    def step(variables, opt_state, images, labels, key):
-        if crop_scale is None:
-            x = augment.to_float(images)
-        else:
-            x = augment_batch(images, key, tuple(crop_scale))
-        x = augment.normalize(x)
 
-        def loss_fn(params):
-            logits, extra = _apply(model, {**variables, "params": params}, x, True)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, extra
-
-        (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-        updates, opt_state = tx.update(grads, opt_state, variables["params"])
-        params = optax.apply_updates(variables["params"], updates)
-        return {**extra, "params": params}, opt_state, loss
-
-    return jax.jit(step)
+def initial_state(variables: dict[str, Any], tx: optax.GradientTransformation, seed: int):
+    """A TrainState over the classifier's variables with fresh optimizer state."""
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        skipped_steps=jnp.zeros((), jnp.int32),
+        bad_streak=jnp.zeros((), jnp.int32),
+    )
 
 
 def make_eval_step(model: Classifier):
@@ -311,19 +282,21 @@ def train(
     )
     tx, _ = optim.make_optimizer(opt_cfg, total, steps_per_epoch)
     step = make_train_step(model, tx, crop_scale=crop_scale)
-    variables = _put(variables, mesh, batch=False)
-    opt_state = _put(tx.init(variables["params"]), mesh, batch=False)
-    key = jax.random.key(seed)
+    state = _put(initial_state(variables, tx, seed), mesh, batch=False)
     labels = np.asarray(labels).astype(np.int32)
     losses = []
     bar = tqdm(train_batches(n, batch_size, total, seed), total=total, desc=desc, leave=False)
     for i, idx in enumerate(bar):
-        batch = _put((images[idx], labels[idx]), mesh, batch=True)
-        variables, opt_state, loss = step(variables, opt_state, *batch, jax.random.fold_in(key, i))
-        losses.append(loss)
+        batch = _put({"image": images[idx], "label": labels[idx]}, mesh, batch=True)
+        state, metrics = step(state, batch)
+        losses.append(metrics["loss"])
         if i % 10 == 0 or i == total - 1:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-    return variables, np.asarray(jax.device_get(losses), np.float32)
+            bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+    out = {
+        "params": state.params,
+        **({"batch_stats": state.batch_stats} if state.batch_stats else {}),
+    }
+    return out, np.asarray(jax.device_get(losses), np.float32)
 
 
 def finetune(

@@ -70,6 +70,10 @@ def _select(ok: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
+# (params, batch_stats, batch, key, ema) -> (loss, (metrics, new batch_stats))
+LossFn = Callable[..., tuple[jax.Array, tuple[dict[str, jax.Array], Any]]]
+
+
 def make_train_step(
     model: MultimodalModel,
     tx: optax.GradientTransformation,
@@ -80,10 +84,22 @@ def make_train_step(
     schedule: optax.Schedule | None = None,
     momentum_schedule: optax.Schedule | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure `train_step(state, batch) -> (state, metrics)` (not yet jitted).
+    """The pure `train_step(state, batch) -> (state, metrics)` of the objective terms `specs`
+    (not yet jitted): `make_step` over `objective_loss`.
 
     `momentum_schedule` (step -> m) drives the EMA of `state.ema_params` when it is set."""
+    loss_fn = objective_loss(model, specs, mesh, aug_cfg)
+    return make_step(tx, loss_fn, grad_accum, schedule, momentum_schedule)
 
+
+def objective_loss(
+    model: MultimodalModel,
+    specs: Sequence[tuple[str, float, dict]],
+    mesh: jax.sharding.Mesh | None,
+    aug_cfg: Any,
+) -> LossFn:
+    """The weighted objective terms on the outputs they declare (device augmentation and
+    the encoders inside), as a `LossFn`; MoCo v3's keys come from the `ema` parameters."""
     needed = sorted(objectives.needed_inputs(list(specs)))
 
     def loss_fn(params, batch_stats, batch, key, ema=None):
@@ -108,6 +124,19 @@ def make_train_step(
         loss, metrics = objectives.total_loss(specs, outputs, mesh)
         return loss, (metrics, mutated.get("batch_stats", batch_stats))
 
+    return loss_fn
+
+
+def make_step(
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    grad_accum: int = 1,
+    schedule: optax.Schedule | None = None,
+    momentum_schedule: optax.Schedule | None = None,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure step of any `loss_fn` over a TrainState: gradients (accumulated over
+    `grad_accum` microbatches), the optimizer, the logit-scale clamp, the skip of a
+    non-finite update, the counters and the metrics. Pretraining and fine-tuning share it."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(params, batch_stats, batch, key, ema):
