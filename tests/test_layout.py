@@ -18,7 +18,7 @@ PACKAGES = ("input_pipeline", "mmssl_jax")
 # Room order, bottom first. A module's room is the longest prefix listed here.
 ROOMS = (
     ("input_pipeline",),
-    ("mmssl_jax.config_utils", "mmssl_jax.checksums"),  # loose, serve every room
+    ("mmssl_jax.config_utils", "mmssl_jax.checksums", "mmssl_jax.pytree"),  # loose, serve every room
     ("mmssl_jax.models",),
     ("mmssl_jax.objectives",),
     ("mmssl_jax.parallel",),
@@ -28,7 +28,7 @@ ROOMS = (
     ("mmssl_jax", "mmssl_jax.main"),  # the public API and the entry point
 )
 # Loose modules allowed directly in mmssl_jax/ (everything else lives in a room).
-LOOSE = {"__init__", "main", "config_utils", "checksums"}
+LOOSE = {"__init__", "main", "config_utils", "checksums", "pytree"}
 
 
 @dataclass(frozen=True)

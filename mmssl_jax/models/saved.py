@@ -38,8 +38,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+from mmssl_jax import pytree
 from mmssl_jax.checksums import file_sha256
 
 FORMAT = "mmssl_jax-export"
@@ -62,18 +62,13 @@ class ExportError(ValueError):
 
 def flatten_variables(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """{"params": {...}, "batch_stats": {...}} -> {"params/a/b": float32 array, ...}."""
-    flat = traverse_util.flatten_dict(jax.device_get(dict(variables)))
-    out = {}
-    for path, value in flat.items():
-        if any("/" in str(p) for p in path):
-            raise ValueError(f"variable path {path} has a '/' in a name")
-        out["/".join(str(p) for p in path)] = np.array(value, order="C")
-    return out
+    flat = pytree.flatten(jax.device_get(dict(variables)))
+    return {k: np.array(v, order="C") for k, v in flat.items()}
 
 
 def unflatten_variables(flat: Mapping[str, Any]) -> dict[str, Any]:
     """Inverse of `flatten_variables`."""
-    return traverse_util.unflatten_dict(dict(flat), sep="/")
+    return pytree.unflatten(flat)
 
 
 def expected_shapes(model: Any, image_size: int, text_length: int | None) -> dict[str, Any]:
@@ -85,8 +80,7 @@ def expected_shapes(model: Any, image_size: int, text_length: int | None) -> dic
     shapes = jax.eval_shape(
         lambda i, t: model.init(jax.random.key(0), i, t, train=False), images, tokens
     )
-    flat = traverse_util.flatten_dict(dict(shapes))
-    return {"/".join(path): value for path, value in flat.items()}
+    return pytree.flatten(dict(shapes))
 
 
 def check_variables(

@@ -31,6 +31,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from mmssl_jax.pytree import path_of
+
 Rules = Sequence[tuple[str, str]]
 
 # Everything through the fsdp rule (which leaves small tensors replicated).
@@ -41,7 +43,7 @@ DEFAULT_MIN_SIZE_BYTES = 4 * 2**20  # big_vision's min_size_to_shard_mb=4
 
 def path_str(path: Sequence[Any]) -> str:
     """A pytree key path as "a/b/0/c"."""
-    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+    return path_of(path)
 
 
 def fsdp_axis(mesh: Mesh, axis: str | None = None) -> str:

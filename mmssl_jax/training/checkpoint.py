@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from mmssl_jax import checksums
+from mmssl_jax.pytree import flat_items
 
 CHECKPOINTS_DIR = "checkpoints"  # workdir/checkpoints/<step>
 CHECKSUMS_DIR = "checksums"  # checkpoints/checksums/<step>.json
@@ -357,10 +358,7 @@ def first_mismatch(manager: ocp.CheckpointManager, step: int, abstract_state: An
 
 
 def _flat(tree: Any) -> list[tuple[str, Any]]:
-    return [
-        ("/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path), leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    ]
+    return flat_items(tree)
 
 
 class PreemptionHandler:

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from mmssl_jax import pytree
 from mmssl_jax.training.checkpoint import checkpoints_dir
 from mmssl_jax.training.param_rules import flat_params, path_of
 
@@ -95,14 +96,14 @@ def _checkpoint_read(ckpt_dir: str, step: int, wanted: Mapping[str, Any]) -> dic
     """The `wanted` parameters (path -> ShapeDtypeStruct) from an orbax checkpoint, onto
     one device, with a partial restore (the optimizer state is never read)."""
     import orbax.checkpoint as ocp
-    from flax import traverse_util
 
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    item = {
-        ("params",) + tuple(k.split("/")): jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
-        for k, v in wanted.items()
-    }
-    item = traverse_util.unflatten_dict(item)
+    item = pytree.unflatten(
+        {
+            f"params/{k}": jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+            for k, v in wanted.items()
+        }
+    )
     args = ocp.args.PyTreeRestore(
         item=item,
         restore_args=ocp.checkpoint_utils.construct_restore_args(item),

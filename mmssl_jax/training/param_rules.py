@@ -32,6 +32,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from mmssl_jax.pytree import flat_items, path_of  # noqa: F401  (path_of: re-exported)
+
 Rule = tuple[str, Any]
 
 # SLIP's rule (decay matrices and embeddings, not biases, norm scales or the logit
@@ -54,22 +56,9 @@ TOWERS: dict[str, dict[str, str]] = {
 }
 
 
-def path_of(keypath: Sequence[Any]) -> str:
-    """'/'-joined names of a jax key path (dict keys, attribute names, sequence indices)."""
-    parts = []
-    for k in keypath:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
 def flat_params(params: Any) -> list[tuple[str, Any]]:
     """[(path, leaf)] in tree order."""
-    return [(path_of(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return flat_items(params)
 
 
 def normalize_rules(rules: Any, default_value: Any = True) -> list[Rule]:
