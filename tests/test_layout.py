@@ -18,7 +18,11 @@ PACKAGES = ("input_pipeline", "mmssl_jax")
 # Room order, bottom first. A module's room is the longest prefix listed here.
 ROOMS = (
     ("input_pipeline",),
-    ("mmssl_jax.config_utils", "mmssl_jax.checksums", "mmssl_jax.pytree"),  # loose, serve every room
+    (
+        "mmssl_jax.config_utils",
+        "mmssl_jax.checksums",
+        "mmssl_jax.pytree",
+    ),  # loose, serve every room
     ("mmssl_jax.models",),
     ("mmssl_jax.objectives",),
     ("mmssl_jax.parallel",),

@@ -9,6 +9,8 @@ an `evaluate(state, step)` callback every `train.eval_every` steps when `main` h
 from __future__ import annotations
 
 import functools
+import json
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -33,6 +35,8 @@ from mmssl_jax.training.state import (
     state_shardings,
 )
 from mmssl_jax.training.step import augment_configs, batch_keys_for, make_train_step, term_specs
+
+PENDING_METRICS = "metrics_pending.json"  # the unlogged steps at the last checkpoint
 
 
 class NonFiniteError(RuntimeError):
@@ -178,7 +182,9 @@ class Trainer:
         preemption = preemption or PreemptionHandler().install()
         state = self.initial_state(ckpt)
         start = int(jax.device_get(state.step))
-        pending: list[tuple[int, dict]] = []
+        # The steps since the last log row, kept through a checkpoint, so a resumed run logs
+        # exactly the rows of an uninterrupted one.
+        pending: list[tuple[int, dict]] = self._load_pending(start)
         last: dict[str, float] = {}
         bar = tqdm(
             total=self.total_steps,
@@ -192,28 +198,48 @@ class Trainer:
         if jax.process_count() > 1 and start < self.total_steps:
             step_fn, batches = self._compile_together(state, batches)
         t0, n0 = time.perf_counter(), start
+        data_time = 0.0  # seconds waited for input since the last log row
+        in_flight = None  # the previous step's metrics: ready once that step has run
+        every = int(cfg.get("eval_every", -1))
         try:
             for step in range(start, self.total_steps):
-                state, metrics = step_fn(state, next(batches))
-                pending.append((step + 1, metrics))
-                bar.update(1)
+                t_wait = time.perf_counter()
+                batch = next(batches)
+                data_time += time.perf_counter() - t_wait
+                state, metrics = step_fn(state, batch)
                 done = step + 1
+                pending.append((done, metrics))
+                # The bar counts completed steps, not dispatched ones: one step stays in
+                # flight (its input is being prepared) while the previous one is awaited.
+                if in_flight is not None:
+                    jax.block_until_ready(in_flight)
+                    bar.update(1)
+                in_flight = metrics
                 if done % cfg.log_every == 0 or done == self.total_steps:
-                    # Steps are dispatched asynchronously: wait for this one before timing.
                     jax.block_until_ready(metrics)
-                    rate = (done - n0) * cfg.batch_size / (time.perf_counter() - t0)
-                    last = self._flush(pending, writer, rate)
-                    t0, n0 = time.perf_counter(), done
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{rate:.0f}")
-                if done % cfg.ckpt_every == 0 and done != self.total_steps:
-                    ckpt.save(done, state, self.data_iter)
-                every = int(cfg.get("eval_every", -1))
-                if evaluate and every > 0 and done % every == 0 and done != self.total_steps:
-                    evaluate(state, done)
-                if preemption.requested.is_set() or done == stop_at:
-                    self._flush(pending, writer, 0.0)
+                    bar.update(1)
+                    in_flight = None
+                    elapsed = time.perf_counter() - t0
+                    timing = {
+                        "img_per_s": (done - n0) * cfg.batch_size / elapsed,
+                        "step_time": elapsed / (done - n0),
+                        "data_time": data_time / (done - n0),
+                    }
+                    last = self._flush(pending, writer, timing)
+                    t0, n0, data_time = time.perf_counter(), done, 0.0
+                    bar.set_postfix(
+                        loss=f"{last['loss']:.4f}",
+                        img_s=f"{timing['img_per_s']:.0f}",
+                        data=f"{timing['data_time'] / timing['step_time']:.0%}",
+                    )
+                stopping = preemption.requested.is_set() or done == stop_at
+                if stopping or (done % cfg.ckpt_every == 0 and done != self.total_steps):
+                    self._save_pending(pending, done)
                     if ckpt.latest_step() != done:
-                        ckpt.save(done, state, self.data_iter, force=True)
+                        ckpt.save(done, state, self.data_iter, force=stopping)
+                if every > 0 and evaluate and done % every == 0 and done != self.total_steps:
+                    evaluate(state, done)
+                if stopping:
                     ckpt.wait()
                     logging.warning("preempted: checkpoint at step %d written; exiting", done)
                     self.stopped_early = True
@@ -241,8 +267,36 @@ class Trainer:
         distributed.barrier("mmssl_jax/train_step_compiled")
         return compiled, itertools.chain([first], batches)
 
-    def _flush(self, pending: list, writer, rate: float) -> dict[str, float]:
-        """Fetches pending metrics, halts on a non-finite streak, writes interval averages."""
+    def _pending_path(self) -> str:
+        return os.path.join(self.workdir, PENDING_METRICS)
+
+    def _save_pending(self, pending: list, step: int) -> None:
+        """Writes the metrics of the steps since the last log row beside the checkpoint of
+        `step` (process 0), atomically."""
+        if jax.process_index() != 0:
+            return
+        rows = [
+            (s, {k: float(np.asarray(v)) for k, v in m.items()}) for s, m in jax.device_get(pending)
+        ]
+        tmp = self._pending_path() + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"step": step, "rows": rows}, f)
+        os.replace(tmp, self._pending_path())
+
+    def _load_pending(self, start: int) -> list[tuple[int, dict]]:
+        """The steps since the last log row of the checkpoint resumed at `start`, if saved."""
+        try:
+            with open(self._pending_path()) as f:
+                saved = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return []
+        if saved.get("step") != start:
+            return []
+        return [(int(s), dict(m)) for s, m in saved["rows"]]
+
+    def _flush(self, pending: list, writer, timing: Mapping[str, float]) -> dict[str, float]:
+        """Fetches pending metrics, halts on a non-finite streak, writes interval averages
+        (with the interval's img/s, seconds per step and seconds waited for input)."""
         if not pending:
             return {}
         rows = jax.device_get(pending)
@@ -256,7 +310,7 @@ class Trainer:
                     "optim.grad_clip_norm, or check the data (data.skip_bad_records)."
                 )
         summary = summarize([m for _, m in rows])
-        summary["img_per_s"] = rate
+        summary.update(timing)
         if writer is not None:
             writer.write(rows[-1][0], summary)
         return summary
