@@ -1,13 +1,18 @@
 """Entry point: `python -m mmssl_jax.main --config=configs/slip_vits.py --workdir=DIR`.
 
---mode=train trains (resuming from the workdir's latest checkpoint) and evaluates at the end;
---mode=eval evaluates the latest checkpoint. The resolved config is printed and written to
-`workdir/config.json`; overrides go on the command line as `--config.train.batch_size=256`.
+--mode=train trains (resuming from the workdir's latest checkpoint) and evaluates at the end
+(and every `train.eval_every` steps); --mode=eval evaluates the latest checkpoint. The whole
+config is checked before the workdir is touched, its data paths are made absolute and its
+tokenizer is copied into the workdir (so export and evaluation work from any folder), and it
+is written to `workdir/config.json`; a one-line summary is printed. Overrides go on the command
+line as `--config.train.batch_size=256`. Library logs below warnings (orbax, jax) are hidden
+unless `--verbose`.
 """
 
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import sys
 
@@ -21,6 +26,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:arg]).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (then evaluate) or evaluate.")
+flags.DEFINE_bool("verbose", False, "Show every library's info logs (orbax, jax, grain).")
 flags.mark_flags_as_required(["config", "workdir"])
 distributed.define_flags()  # --distributed, --coordinator_address, --num_processes, ...
 
@@ -47,18 +53,63 @@ def _check_overrides(argv: list[str]) -> None:
         sys.exit(f"error: {e.args[0]}")
 
 
+class _OwnInfoOnly(std_logging.Filter):
+    """Passes warnings and errors, and info lines of this project's own modules."""
+
+    OWN = (
+        f"{os.sep}mmssl_jax{os.sep}",
+        f"{os.sep}input_pipeline{os.sep}",
+        f"{os.sep}tools{os.sep}",
+    )
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or any(o in record.pathname for o in self.OWN)
+
+
+def quiet_libraries() -> None:
+    """Hides library info lines (about 40 orbax lines per checkpoint, jax's backend probe)."""
+    logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    for name in ("jax._src.xla_bridge", "absl", "orbax"):
+        std_logging.getLogger(name).addFilter(_OwnInfoOnly())
+
+
+def summary_line(config, workdir: str) -> str:
+    terms = " + ".join(
+        f"{w:g}*{n}" if float(w) != 1.0 else str(n) for n, w, *_ in config.objectives
+    )
+    text = config.model.get("text_encoder") or "no text tower"
+    steps = (
+        config.train.total_steps
+        if config.train.total_steps > 0
+        else f"{config.train.epochs} epochs"
+    )
+    return (
+        f"mmssl_jax: {terms} | {config.model.image_encoder} + {text} | batch "
+        f"{config.train.batch_size}, {steps} | config: {os.path.join(workdir, 'config.json')}"
+    )
+
+
 def main(argv: list[str]) -> None:
     del argv
+    if not FLAGS.verbose:
+        quiet_libraries()
     distributed.initialize_from_flags()  # before anything touches devices
     import jax
 
-    from mmssl_jax.evaluation import hook
-    from mmssl_jax.training.trainer import Trainer
+    from mmssl_jax.evaluation import hook, runner
+    from mmssl_jax.training.trainer import Trainer, check_config, pin_paths
 
-    config, workdir = FLAGS.config, FLAGS.workdir
+    config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
+    try:  # everything a typo can break, before the workdir is touched
+        check_config(config)
+        for name, cfg in (config.get("evals") or {}).items():
+            runner.normalize_config(name, cfg)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     os.makedirs(workdir, exist_ok=True)
+    pin_paths(config, workdir, copy_tokenizer=jax.process_index() == 0)
     if jax.process_index() == 0:
-        print(config)
+        print(summary_line(config, workdir), flush=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, default=str)
     logging.info("devices: %s", jax.devices())
@@ -78,8 +129,10 @@ def main(argv: list[str]) -> None:
         if getattr(trainer, "stopped_early", False):
             return  # preempted: the checkpoint is written; evaluate after the resumed run
         results = evaluate(trainer.state, int(jax.device_get(trainer.state.step)))
-    if jax.process_index() == 0 and results:
-        print("\n".join(f"{k}: {v:.4f}" for k, v in sorted(results.items())))
+    report = os.path.join(workdir, "eval", "latest.md")
+    if jax.process_index() == 0 and results and os.path.exists(report):
+        with open(report) as f:  # the side-by-side table: trained, random init, raw pixels
+            print(f.read().rstrip() + f"\n\n(written to {report})")
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ def objective_loss(
 ) -> LossFn:
     """The weighted objective terms on the outputs they declare (device augmentation and
     the encoders inside), as a `LossFn`; MoCo v3's keys come from the `ema` parameters."""
-    needed = sorted(objectives.needed_inputs(list(specs)))
+    # "index" (always in the batch) too: per-sample keys and fault injection read it.
+    needed = sorted(objectives.needed_inputs(list(specs)) | {"index"})
 
     def loss_fn(params, batch_stats, batch, key, ema=None):
         variables = {"params": params}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -37,6 +38,7 @@ from mmssl_jax.training.state import (
 from mmssl_jax.training.step import augment_configs, batch_keys_for, make_train_step, term_specs
 
 PENDING_METRICS = "metrics_pending.json"  # the unlogged steps at the last checkpoint
+PARAM_TABLE = "param_rules.txt"  # one line per parameter: shape, frozen, lr and wd multipliers
 
 
 class NonFiniteError(RuntimeError):
@@ -113,8 +115,13 @@ class Trainer:
         if jax.process_index() == 0:
             from mmssl_jax.training.param_rules import rules_table
 
+            table = os.path.join(workdir, PARAM_TABLE)
+            os.makedirs(workdir, exist_ok=True)
+            with open(table, "w") as f:  # every parameter: shape, train/frozen, lr/wd mult
+                f.write(rules_table(config.optim, self.state_shape.params) + "\n")
             logging.info(
-                "parameter rules:\n%s",
+                "parameter rules (every parameter's lr and weight-decay multipliers: %s):\n%s",
+                table,
                 rules_table(config.optim, self.state_shape.params, per_parameter=False),
             )
         self.state_sharding = state_shardings(config.train, self.state_shape, self.mesh)
@@ -328,3 +335,67 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         else:
             out[key] = float(values.mean())
     return out
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError on what a typo breaks (objective terms and their options, encoder
+    names), before anything is built or written."""
+    from mmssl_jax.models.registry import IMAGE_ENCODERS, TEXT_ENCODERS
+
+    import_extensions(config.get("extensions") or ())
+    for name, _, options in term_specs(config):
+        objectives.get_term(name, **options)
+    image = config.model.get("image_encoder")
+    if image not in IMAGE_ENCODERS:
+        raise ValueError(
+            f"model.image_encoder={image!r} is not an image encoder; "
+            f"valid: {sorted(IMAGE_ENCODERS)}"
+        )
+    text = config.model.get("text_encoder")
+    if text and text not in TEXT_ENCODERS:
+        raise ValueError(
+            f"model.text_encoder={text!r} is not a text encoder; valid: {sorted(TEXT_ENCODERS)}"
+        )
+
+
+PATH_KEYS = ("shards", "train_shards", "test_shards", "classnames")
+
+
+def _absolute(value: str) -> str:
+    """Each comma-separated path or glob made absolute (relative to the current folder)."""
+    return ",".join(os.path.abspath(p) if p else p for p in str(value).split(","))
+
+
+def pin_paths(config: ml_collections.ConfigDict, workdir: str, copy_tokenizer: bool = True) -> None:
+    """Makes the run independent of the folder it started in: data, evaluation and
+    init-from paths absolute, and the tokenizer copied into the workdir (config.data.tokenizer
+    then names the copy), so export and `--mode=eval` work from anywhere."""
+    for source in (config.data.get("sources") or {}).values():
+        for key in PATH_KEYS:
+            if source.get(key):
+                source[key] = _absolute(source[key])
+    for evaluation in (config.get("evals") or {}).values():
+        for key in PATH_KEYS:
+            if evaluation.get(key):
+                evaluation[key] = _absolute(evaluation[key])
+        templates = evaluation.get("templates")
+        if templates and str(templates).endswith(".json"):
+            evaluation["templates"] = _absolute(templates)
+    init = config.get("init_from")
+    if init and init.get("path") and os.path.exists(init.path):
+        init.path = os.path.abspath(init.path)
+    tokenizer = config.data.get("tokenizer")
+    if not tokenizer:
+        return
+    source = os.path.abspath(tokenizer)
+    name = os.path.basename(source)
+    suffix = ".txt.gz" if name.endswith(".txt.gz") else os.path.splitext(name)[1]
+    copy = os.path.join(os.path.abspath(workdir), f"tokenizer{suffix}")
+    if os.path.isfile(source) and source != copy:
+        if copy_tokenizer:
+            shutil.copyfile(source, copy)
+        config.data.tokenizer = copy
+    elif os.path.isfile(copy):  # the data moved since training: the workdir keeps its copy
+        config.data.tokenizer = copy
+    else:
+        config.data.tokenizer = source

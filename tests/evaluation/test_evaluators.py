@@ -310,8 +310,9 @@ def test_raw_pixel_encoder():
     np.testing.assert_allclose(f["feature"], 1.0)
     assert encoder.RawPixelEncoder(4).image_features(images)["feature"].shape == (3, 48)
     assert not encoder.has_text(raw)
-    assert not baselines.applies("raw_pixels", "zero_shot", raw)
-    assert baselines.applies("raw_pixels", "linear_probe", raw)
+    assert not baselines.applies("raw_pixels", runner.evaluator("zero_shot"), raw)
+    assert baselines.applies("raw_pixels", runner.evaluator("linear_probe"), raw)
+    assert not baselines.applies("raw_pixels", runner.evaluator("finetune"), raw)
 
 
 def test_report_files(tmp_path):
