@@ -223,7 +223,10 @@ def recipe(
                 if needs_topics
                 else embedded_sources(args.data, args.fashion)
             ),
-            tokenizer=f"{args.data}/tokenizer/spm.model",
+            # The tiny recipes train a sentencepiece model on the embedded captions (make_shards
+            # embedded); the real ones tokenize as CLIP and SLIP do: CLIP's byte-level BPE
+            # (49,408 ids, context 77), shipped with the package, so nothing needs training.
+            tokenizer=f"{args.data}/tokenizer/spm.model" if tiny else "clip_bpe",
             image_size=s["image_size"],
             text_length=32 if tiny else 77,
             clip_scale=(0.5, 1.0),
@@ -308,6 +311,8 @@ def recipe(
         )
     )
     config.evals = ml_collections.ConfigDict(embedded_evals(args.data, s["image_size"]))
+    if not tiny and needs_text:  # CLIP's BPE ids: pad 0 is "!", so pool at EOT = argmax
+        config.model.text_overrides = {"pool": "argmax"}
     if args.text != "own" and needs_text:
         config.model.text_encoder = "bert"
         config.model.text_path = "all-minilm-l6-v2"

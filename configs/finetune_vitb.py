@@ -30,7 +30,9 @@ from configs.common import DATA_ROOT, SIZES, parse_arg, recipe
 from mmssl_jax.training import param_rules
 
 # (file name, what it sets) of an export directory (mmssl_jax/export/).
-EXPORT_MODEL, EXPORT_TOKENIZER = "model.json", "tokenizer.model"
+EXPORT_MODEL = "model.json"
+# The export's tokenizer: sentencepiece, a BERT tower's tokenizer.json or CLIP's BPE merges.
+EXPORT_TOKENIZERS = ("tokenizer.model", "tokenizer.json", "bpe_merges.txt.gz", "bpe_merges.txt")
 
 
 def task_eval(shards: str, classnames: str, templates: str, image_size: int) -> dict:
@@ -56,8 +58,10 @@ def use_export(config: ml_collections.ConfigDict, init: str) -> None:
     if meta.get("text_length"):
         config.model.context_length = int(meta["text_length"])
         config.data.text_length = int(meta["text_length"])
-    if os.path.isfile(os.path.join(init, EXPORT_TOKENIZER)):
-        config.data.tokenizer = os.path.join(init, EXPORT_TOKENIZER)
+    for name in EXPORT_TOKENIZERS:
+        if os.path.isfile(os.path.join(init, name)):
+            config.data.tokenizer = os.path.join(init, name)
+            break
 
 
 def freeze_rules(which: str, depth: int, unlock: int) -> tuple:

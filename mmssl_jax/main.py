@@ -89,6 +89,19 @@ def summary_line(config, workdir: str) -> str:
     )
 
 
+def missing_data_hint(config) -> str:
+    """What to run when the training data is not where the config says."""
+    shards = [str(src.get("shards")) for src in config.data.sources.values()]
+    return (
+        f"The config reads training shards from {', '.join(shards)} (cwd {os.getcwd()}).\n"
+        "Make the embedded default there with\n"
+        "    python tools/make_shards.py embedded --output_dir data\n"
+        "or convert your own data (python tools/make_shards.py folder|csv|webdataset|tfds ...,"
+        " see the README's Data section) and point the config at its root with\n"
+        f"    --config={FLAGS['config'].config_filename}:data=DIR"
+    )
+
+
 def main(argv: list[str]) -> None:
     del argv
     if not FLAGS.verbose:
@@ -116,7 +129,10 @@ def main(argv: list[str]) -> None:
     if FLAGS.mode == "eval":  # the checkpoint and the evaluation data only
         results = hook.evaluate_checkpoint(config, workdir)
     else:
-        trainer = Trainer(config, workdir)
+        try:
+            trainer = Trainer(config, workdir)
+        except FileNotFoundError as e:
+            sys.exit(f"error: {e}\n{missing_data_hint(config)}")
         evaluate = hook.make_evaluate(
             config,
             workdir,

@@ -14,6 +14,15 @@ from input_pipeline.tokenizers.wordpiece import WordPieceTokenizer
 
 KINDS = ("sentencepiece", "clip_bpe", "wordpiece")
 
+# Tokenizers shipped with the package, by name: CLIP's BPE merges (49,408 ids, as OpenAI's CLIP
+# and open_clip ship them; MIT licence in LICENSE.bpe_simple_vocab_16e6.txt).
+PACKAGED = {"clip_bpe": os.path.join(os.path.dirname(__file__), "bpe_simple_vocab_16e6.txt.gz")}
+
+
+def resolve(path_or_name: str | os.PathLike) -> str:
+    """A packaged tokenizer's file for its name (see PACKAGED), else the path as given."""
+    return PACKAGED.get(os.fspath(path_or_name), os.fspath(path_or_name))
+
 
 def kind_of_path(path: str | os.PathLike) -> str:
     """The tokenizer kind a file holds, by its name: `*.json` WordPiece (a Hugging Face
@@ -27,7 +36,8 @@ def kind_of_path(path: str | os.PathLike) -> str:
 
 
 def open_tokenizer(path: str | os.PathLike) -> Any:
-    """The tokenizer stored at `path` (kind by `kind_of_path`)."""
+    """The tokenizer stored at `path` or packaged under that name (kind by `kind_of_path`)."""
+    path = resolve(path)
     kind = kind_of_path(path)
     if kind == "wordpiece":
         return WordPieceTokenizer(path)
@@ -70,12 +80,14 @@ def from_bytes(kind: str, data: bytes) -> Any:
 __all__ = [
     "ClipBpeTokenizer",
     "KINDS",
+    "PACKAGED",
     "Tokenizer",
     "WordPieceTokenizer",
     "from_bytes",
     "kind_of",
     "kind_of_path",
     "open_tokenizer",
+    "resolve",
     "to_bytes",
     "train_sentencepiece",
 ]

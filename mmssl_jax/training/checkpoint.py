@@ -19,6 +19,7 @@ a process killed between commit and manifest) restores unverified, with an info 
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import signal
 import threading
@@ -62,6 +63,17 @@ class CheckpointCorruptError(RuntimeError):
     """No checkpoint (at or before the requested step) matches its checksum manifest."""
 
 
+class _DropMessage(std_logging.Filter):
+    """Drops log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefix)
+
+
 def checkpoints_dir(workdir: str) -> str:
     """Where a run keeps its checkpoints: `workdir/checkpoints`."""
     return os.path.abspath(os.path.join(workdir, CHECKPOINTS_DIR))
@@ -90,7 +102,15 @@ class Checkpointer:
             options = ocp.CheckpointManagerOptions(
                 read_only=True, save_interval_steps=0, create=False
             )
-            self.manager = ocp.CheckpointManager(self.directory, options=options)
+            # orbax warns "Given directory is read only" about any read-only manager, even of
+            # a writable folder: this reader is read-only by choice, so say nothing.
+            quiet = _DropMessage("Given directory is read only")
+            absl_logger = std_logging.getLogger("absl")
+            absl_logger.addFilter(quiet)
+            try:
+                self.manager = ocp.CheckpointManager(self.directory, options=options)
+            finally:
+                absl_logger.removeFilter(quiet)
             self._writing, self._failed = None, False
             return
         policies = [ocp.checkpoint_managers.LatestN(keep)]

@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from input_pipeline import tokenizers
 from mmssl_jax import objectives
 from mmssl_jax.config_utils import import_extensions
 from mmssl_jax.models.registry import build_model
@@ -385,7 +386,7 @@ def pin_paths(config: ml_collections.ConfigDict, workdir: str, copy_tokenizer: b
     if init and init.get("path") and os.path.exists(init.path):
         init.path = os.path.abspath(init.path)
     tokenizer = config.data.get("tokenizer")
-    if not tokenizer:
+    if not tokenizer or tokenizer in tokenizers.PACKAGED:  # packaged ones go by name
         return
     source = os.path.abspath(tokenizer)
     name = os.path.basename(source)

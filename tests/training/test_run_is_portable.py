@@ -51,3 +51,49 @@ def test_pinned_paths_and_the_workdir_tokenizer(embedded_data, tmp_path, monkeyp
     again = get_config("data=/nonexistent")
     pin_paths(again, str(workdir))
     assert again.data.tokenizer == str(workdir / "tokenizer.model")
+
+
+def test_real_recipes_tokenize_as_clip_with_the_packaged_bpe():
+    from configs.slip_vits import get_config as slip_vits
+    from mmssl_jax.models.registry import build_model
+    from mmssl_jax.models.saved import check_bpe_model
+    from mmssl_jax.training.state import open_tokenizer, resolve_model_config
+
+    config = slip_vits()
+    assert config.data.tokenizer == "clip_bpe" and config.data.text_length == 77
+    tokenizer = open_tokenizer(config)
+    assert tokenizer.vocab_size == 49408
+    ids = tokenizer.encode(["a photo of a cat."], 77)[0]
+    assert ids[0] == 49406 and 49407 in ids  # SOT ... EOT, as CLIP
+    model = build_model(resolve_model_config(config, tokenizer))
+    check_bpe_model(model, tokenizer, "slip_vits")  # pools at argmax, holds every id
+
+
+def test_the_headline_command_without_data_names_the_fix(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmssl_jax.main",
+            f"--config={ROOT / 'configs' / 'slip_vits.py'}:data={tmp_path / 'nothing'}",
+            f"--workdir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert f"no shard matches '{tmp_path / 'nothing'}/emoji/emoji-train-" in proc.stderr
+    assert "python tools/make_shards.py embedded --output_dir data" in proc.stderr
+    assert ":data=DIR" in proc.stderr
+
+
+def test_reading_a_checkpoint_says_nothing_about_read_only(caplog):
+    from mmssl_jax.training.checkpoint import Checkpointer
+
+    reader = Checkpointer(str(ROOT / "tests" / "data" / "old_layout" / "workdir"), read_only=True)
+    assert reader.latest_step() == 2
+    reader.close()
+    assert "read only" not in caplog.text
