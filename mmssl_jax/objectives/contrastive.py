@@ -15,12 +15,6 @@ from mmssl_jax.objectives import core
 from mmssl_jax.objectives.registry import register_term
 
 
-def _same_id(rows: jax.Array, cols: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Positive where the ids match; every pair valid."""
-    pos = rows[:, None] == cols[None, :]
-    return pos, jnp.ones(pos.shape, bool)
-
-
 def _same_id_not_self(rows: dict, cols: dict) -> tuple[jax.Array, jax.Array]:
     """Positive where ids match and positions differ; valid where positions differ."""
     not_self = rows["pos"][:, None] != cols["pos"][None, :]
@@ -31,8 +25,8 @@ def _symmetric(img, txt, scale, row_ids, col_ids, axis_name, chunk_size):
     """Image->text and text->image rows over a symmetric id mask."""
     img_all = core.gather_rows(img, axis_name)
     txt_all = core.gather_rows(txt, axis_name)
-    i2t = core.contrastive_rows(img, txt_all, scale, row_ids, col_ids, _same_id, chunk_size)
-    t2i = core.contrastive_rows(txt, img_all, scale, row_ids, col_ids, _same_id, chunk_size)
+    i2t = core.contrastive_rows(img, txt_all, scale, row_ids, col_ids, core.same_id, chunk_size)
+    t2i = core.contrastive_rows(txt, img_all, scale, row_ids, col_ids, core.same_id, chunk_size)
     r = lambda v, rows: core.reduce_rows(v, rows.n_pos > 0, axis_name)
     loss = (r(i2t.loss, i2t) + r(t2i.loss, t2i)) / 2
     return loss, {"loss": loss, "i2t_acc": r(i2t.hit, i2t), "t2i_acc": r(t2i.hit, t2i)}

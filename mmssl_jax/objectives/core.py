@@ -258,3 +258,11 @@ def masked_contrastive(
     has = rows.n_pos > 0
     loss = reduce_rows(rows.loss, has, axis_name)
     return loss, {"loss": loss, "acc": reduce_rows(rows.hit, has, axis_name)}
+
+
+def same_id(rows: jax.Array, cols: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The mask function of `contrastive_rows` for one positive per matching id (CLIP's
+    diagonal, MoCo v3's query-key pairs, topic targets): positive where the ids match,
+    every pair valid."""
+    pos = rows[:, None] == cols[None, :]
+    return pos, jnp.ones(pos.shape, bool)

@@ -21,11 +21,6 @@ from mmssl_jax.objectives.outputs import register_output
 from mmssl_jax.objectives.registry import register_term
 
 
-def _diag(rows: jax.Array, cols: jax.Array) -> tuple[jax.Array, jax.Array]:
-    pos = rows[:, None] == cols[None, :]
-    return pos, jnp.ones(pos.shape, bool)
-
-
 def _ctr(q, k, temperature, axis_name, chunk_size):
     """2T * CE of local queries against the gathered (stop-gradient) keys."""
     q = core.l2_normalize(q)
@@ -34,7 +29,7 @@ def _ctr(q, k, temperature, axis_name, chunk_size):
     rows = core.column_offset(n, axis_name) + jnp.arange(n)
     cols = jnp.arange(k_all.shape[0])
     scale = core.as_scale(1.0 / temperature, axis_name)
-    stats = core.contrastive_rows(q, k_all, scale, rows, cols, _diag, chunk_size)
+    stats = core.contrastive_rows(q, k_all, scale, rows, cols, core.same_id, chunk_size)
     has = stats.n_pos > 0
     loss = core.reduce_rows(stats.loss, has, axis_name) * (2.0 * temperature)
     return loss, core.reduce_rows(stats.hit, has, axis_name)

@@ -142,11 +142,6 @@ def topic_triplet_loss(
     return loss, {"loss": loss, "active": active}
 
 
-def _same_id(rows: jax.Array, cols: jax.Array) -> tuple[jax.Array, jax.Array]:
-    pos = rows[:, None] == cols[None, :]
-    return pos, jnp.ones(pos.shape, bool)
-
-
 def topic_contrastive_loss(
     pred: jax.Array,
     topics: jax.Array,
@@ -166,12 +161,12 @@ def topic_contrastive_loss(
     t_all = core.gather_rows(t, axis_name)
     cols = jnp.arange(t_all.shape[0])
     scale = core.as_scale(1.0 / temperature, axis_name)
-    i2t = core.contrastive_rows(p, t_all, scale, rows, cols, _same_id)
+    i2t = core.contrastive_rows(p, t_all, scale, rows, cols, core.same_id)
     r = lambda v, stats: core.reduce_rows(v, stats.n_pos > 0, axis_name)
     loss = r(i2t.loss, i2t)
     if symmetric:
         p_all = core.gather_rows(p, axis_name)
-        t2i = core.contrastive_rows(t, p_all, scale, rows, cols, _same_id)
+        t2i = core.contrastive_rows(t, p_all, scale, rows, cols, core.same_id)
         loss = (loss + r(t2i.loss, t2i)) / 2
     return loss, {"loss": loss, "acc": r(i2t.hit, i2t)}
 

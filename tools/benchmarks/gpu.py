@@ -38,6 +38,8 @@ from typing import Any
 if __package__ in (None, ""):  # Run as a script: make the repository root importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from tools.benchmarks.emit import emit  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Dense bf16 peak (no sparsity), TFLOP/s, by a substring of the device name (first match).
@@ -434,13 +436,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         result = run(args)
         print("\n".join(result["summary"]))
-    text = json.dumps(result, indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    elif args.framework is None:
-        print(text)
-    return result
+    return emit(result, args.out, show=args.out is None and args.framework is None)
 
 
 if __name__ == "__main__":

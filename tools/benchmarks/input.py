@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import glob
 import io
-import json
 import os
 import platform
 import sys
@@ -37,6 +36,7 @@ if __package__ in (None, ""):  # Run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from input_pipeline import transforms  # noqa: E402
+from tools.benchmarks.emit import emit  # noqa: E402
 
 OPENCLIPART_DIR = "/usr/share/openclipart/png"
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -285,13 +285,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return result
+    return emit(run(args), args.out)
 
 
 if __name__ == "__main__":

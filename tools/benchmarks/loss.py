@@ -35,7 +35,6 @@ if __package__ in (None, ""):  # Run as a script: make the repository root impor
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
@@ -47,6 +46,7 @@ import numpy as np  # noqa: E402
 from mmssl_jax import objectives
 from mmssl_jax.objectives import core  # noqa: E402
 from mmssl_jax.parallel import mesh as parallel
+from tools.benchmarks.emit import emit  # noqa: E402
 
 NUM_DEVICES = 8
 GIB = 2**30
@@ -210,13 +210,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return result
+    return emit(run(args), args.out)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import statistics
@@ -51,6 +50,8 @@ from typing import Any
 
 if __package__ in (None, ""):  # Run as a script: make the repository root importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from tools.benchmarks.emit import emit  # noqa: E402
 
 CASES: dict[str, dict[str, Any]] = {
     "tiny_slip": dict(config="tiny_slip", batch=64, vocab=4000),
@@ -699,13 +700,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return result
+    return emit(run(args), args.out)
 
 
 if __name__ == "__main__":
