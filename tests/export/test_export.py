@@ -221,6 +221,55 @@ def test_any_size_images_batching_and_zero_shot(exported, run):
     assert model.zero_shot_classifier(["cat"], "simple").shape == (1, 128)
 
 
+def test_encode_images_accepts_pil_images_and_arrays(exported, run):
+    """One picture, one embedding, whichever form it comes in: a PIL image (any mode), a list
+    of them, one [H, W, 3] array, a [B, H, W, 3] array, a list of differently sized arrays."""
+    from PIL import Image
+
+    model = load_pretrained(str(exported))
+    originals, want = run["originals"], run["image_emb"]  # 128 x 128 and one 128 x 80
+    pils = [Image.fromarray(im) for im in originals]
+
+    def same(images, rows):
+        np.testing.assert_allclose(model.encode_images(images), want[rows], atol=ATOL, rtol=0)
+
+    same(pils, slice(None))  # a list of PIL images
+    same(originals, slice(None))  # a list of differently sized arrays
+    same([pils[0], originals[1], pils[2]], slice(0, 3))  # mixed
+    for i in (0, 1):
+        same(pils[i], [i])  # one PIL image
+        same(originals[i], [i])  # one [H, W, 3] array
+        same(originals[i][None], [i])  # a batch of one
+    same(np.stack([originals[0], originals[2]]), [0, 2])  # [B, H, W, 3], resized
+    same(tuple(pils[2:4]), slice(2, 4))
+
+    # Greyscale and RGBA pictures become RGB (grey replicated, alpha dropped).
+    grey = pils[0].convert("L")
+    grey_rgb = np.repeat(np.asarray(grey)[..., None], 3, axis=-1)
+    np.testing.assert_allclose(
+        model.encode_images([grey, grey.convert("LA")]),
+        model.encode_images([grey_rgb, grey_rgb]),
+        atol=ATOL,
+        rtol=0,
+    )
+    rgba = pils[3].copy()
+    rgba.putalpha(100)
+    same(rgba, [3])
+
+    with pytest.raises(TypeError, match="PIL image.*open files first"):
+        model.encode_images("picture.png")
+    with pytest.raises(TypeError, match=r"images\[1\]: expected a PIL image .* got str"):
+        model.encode_images([pils[0], "picture.png"])
+    with pytest.raises(ValueError, match=r"images: expected one .* got shape \(128, 128\).*PIL"):
+        model.encode_images(np.asarray(grey))  # a greyscale array: [H, W] is not a picture
+    with pytest.raises(ValueError, match=r"images\[0\]: expected one uint8 image.*PIL"):
+        model.encode_images([np.asarray(grey)])
+    with pytest.raises(ValueError, match=r"image: expected \[H, W, 3\] RGB, .* \(128, 128, 4\)"):
+        model.encode_images(np.asarray(rgba))
+    with pytest.raises(TypeError, match=r"images\[1\]: expected uint8"):
+        model.encode_images([originals[0], originals[1].astype(np.float32)])
+
+
 def _copy(exported, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(exported, out)
