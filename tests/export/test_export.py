@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -189,6 +190,52 @@ def test_stablehlo_artifacts_run_without_mmssl_jax(exported, run, tmp_path):
     hlo = np.load(out)
     np.testing.assert_allclose(hlo["images"], run["image_emb"], atol=ATOL, rtol=0)
     np.testing.assert_allclose(hlo["texts"], run["text_emb"], atol=ATOL, rtol=0)
+
+
+# The README's StableHLO example: the indented code block between these two comments.
+README_SNIPPET = re.compile(
+    r"<!-- stablehlo-snippet:[^\n]*-->\n(.*?)\n<!-- /stablehlo-snippet -->", re.DOTALL
+)
+
+
+def readme_stablehlo_snippet() -> str:
+    """The code of README.md's StableHLO snippet, dedented."""
+    found = README_SNIPPET.findall((ROOT / "README.md").read_text())
+    assert len(found) == 1, "README.md needs exactly one <!-- stablehlo-snippet: ... --> block"
+    block = found[0].strip("\n")
+    lines = block.splitlines()
+    assert all(not line or line.startswith("    ") for line in lines), "not an indented block"
+    return textwrap.dedent(block)
+
+
+def test_readme_stablehlo_snippet_matches_load_pretrained(exported, tmp_path):
+    """The README's snippet, run as a user would (a fresh process, no mmssl_jax, the export
+    at the path it names), gives load_pretrained's embeddings of the same images."""
+    code = readme_stablehlo_snippet()
+    assert "mmssl_jax" not in code
+    (path,) = re.findall(r'^export = "([^"]+)"$', code, re.MULTILINE)
+    (tmp_path / path).parent.mkdir(parents=True)
+    (tmp_path / path).symlink_to(exported)
+    check = """
+import sys
+loaded = [m for m in sys.modules if m.split(".")[0] in ("mmssl_jax", "input_pipeline", "flax")]
+assert not loaded, loaded
+np.savez("snippet.npz", images=images, embeddings=embeddings)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code + check],
+        cwd=tmp_path,  # not the repository
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = np.load(tmp_path / "snippet.npz")
+    assert out["images"].dtype == np.uint8 and len(out["images"]) > 1
+    want = load_pretrained(str(exported)).encode_images(out["images"])
+    np.testing.assert_allclose(out["embeddings"], want, atol=ATOL, rtol=0)
 
 
 def test_any_size_images_batching_and_zero_shot(exported, run):
