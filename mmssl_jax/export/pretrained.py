@@ -247,6 +247,7 @@ def load_pretrained(path: str, *, batch_size: int = 256) -> PretrainedModel:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    from input_pipeline.tokenizers.clip_bpe import TRUNCATE_MODES
     from input_pipeline.tokenizers.spm import Tokenizer
     from input_pipeline.tokenizers.wordpiece import WordPieceTokenizer
     from mmssl_jax.models.registry import build_model
@@ -271,6 +272,12 @@ def load_pretrained(path: str, *, batch_size: int = 256) -> PretrainedModel:
         flat = load_file(os.path.join(path, PARAMS))
     except (SafetensorError, OSError, ValueError) as e:
         raise ExportError(f"{path}/{PARAMS}: not a readable safetensors file: {e}") from e
+    truncation = config.get("tokenizer_truncation", "keep_eot")  # absent in older exports
+    if truncation not in TRUNCATE_MODES:
+        raise ExportError(
+            f"{path}/{MODEL}: tokenizer_truncation must be one of {TRUNCATE_MODES}, got "
+            f"{truncation!r}"
+        )
     text_length = config.get("text_length")
     expected = expected_shapes(model, int(preprocess["image_size"]), text_length)
     check_variables(flat, expected, where=f"{path}/{PARAMS}")
@@ -293,8 +300,13 @@ def load_pretrained(path: str, *, batch_size: int = 256) -> PretrainedModel:
     elif model.text_encoder is not None and found:
         where = f"{path}/{found[0]}"
         with open(where, "rb") as f:
-            tokenizer = bpe_tokenizer(f.read(), where)
+            tokenizer = bpe_tokenizer(f.read(), where, truncation)
         check_bpe_model(model, tokenizer, where)
+    if truncation != "keep_eot" and found and found[0] not in BPE_MERGES:
+        raise ExportError(
+            f"{path}/{MODEL}: tokenizer_truncation={truncation!r} is a CLIP BPE mode, but the "
+            f"tokenizer is {found[0]}"
+        )
     return PretrainedModel(
         model, unflatten_variables(flat), config, preprocess, tokenizer, batch_size
     )
