@@ -11,7 +11,9 @@ CLIP-layout (`visual.conv1`) state dicts and takes the latter as OpenAI's (Quick
 (default width // 64, 12 for SLIP's ViT-S): set --vision_heads / --text_heads otherwise.
 `--bpe=bpe_simple_vocab_16e6.txt.gz` (CLIP's BPE merges, shipped with CLIP, open_clip and
 SLIP) is copied into the export so that `encode_texts` / `zero_shot_classifier` tokenize as
-CLIP does; without it, texts go in as token ids (`encode_tokens`).
+CLIP does; without it, texts go in as token ids (`encode_tokens`). Captions longer than the
+context are cut as the source codebase did (model.json `tokenizer_truncation`: "cut" for SLIP,
+which drops the EOT, "keep_eot" for OpenAI CLIP and open_clip).
 The output loads with `mmssl_jax.load_pretrained(OUT)`; its params.safetensors is this
 codebase's parameter tree (mapping in mmssl_jax/export/convert_torch.py).
 """

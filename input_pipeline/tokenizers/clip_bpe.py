@@ -12,9 +12,11 @@ unescape twice, whitespace collapsed, lower-cased; split by CLIP's pre-tokenizer
 is UTF-8 encoded, its bytes mapped to printable characters, and BPE-merged (the lowest-ranked
 adjacent pair first, every occurrence left to right, until no pair is a known merge).
 
-Rows are `[SOT] + ids + [EOT]`, right-padded with 0; a caption that does not fit is truncated
-with EOT kept at `length - 1` (open_clip's convention; SLIP's own tokenizer drops the EOT of an
-over-long caption instead). Id 0 is "!", so pad and text cannot be told apart by value: the
+Rows are `[SOT] + ids + [EOT]`, right-padded with 0. A caption that does not fit is truncated
+as the source codebase of the weights did (`truncate`): "keep_eot" (the default; OpenAI CLIP's
+`truncate=True` and open_clip) keeps EOT at `length - 1`; "cut" (SLIP's tokenizer) cuts the
+row at `length`, so an over-long caption has no EOT and the tower pools wherever argmax falls
+(at SOT, the highest id left). Id 0 is "!", so pad and text cannot be told apart by value: the
 text tower pools at `argmax(tokens)` (EOT is the highest id; `pool="argmax"`), never at
 `(tokens != 0).sum(-1) - 1`. As in CLIP, a literal "<start_of_text>" / "<end_of_text>" in a
 caption becomes the special id.
@@ -41,6 +43,9 @@ SOT = "<start_of_text>"
 EOT = "<end_of_text>"
 NUM_MERGES = 49152 - 256 - 2  # CLIP uses the first 48894 merges of its file.
 CONTEXT_LENGTH = 77
+# How a caption longer than the row is cut: EOT kept at the last position (OpenAI CLIP,
+# open_clip) or plain truncation of [SOT] + ids + [EOT] (SLIP).
+TRUNCATE_MODES = ("keep_eot", "cut")
 END_OF_WORD = "</w>"
 PAD_ID = 0
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -112,25 +117,42 @@ def parse_merges(data: bytes, where: str = "<bytes>") -> list[tuple[str, str]]:
     return merges
 
 
+def check_truncate(mode: str) -> str:
+    """`mode` if it is one of TRUNCATE_MODES, else a ValueError saying which are."""
+    if mode not in TRUNCATE_MODES:
+        raise ValueError(
+            f"truncate must be one of {TRUNCATE_MODES} (EOT kept at the last position, as "
+            f"OpenAI CLIP and open_clip; or plain truncation, as SLIP), got {mode!r}"
+        )
+    return mode
+
+
 class ClipBpeTokenizer(RowDecoder):
     """CLIP's tokenizer with `input_pipeline.tokenizer.Tokenizer`'s surface.
 
     Build it from the merges file (`ClipBpeTokenizer(path)`, gzipped or plain text) or its
-    bytes (`ClipBpeTokenizer.from_bytes(data)`, e.g. read back from an export).
+    bytes (`ClipBpeTokenizer.from_bytes(data)`, e.g. read back from an export). `truncate`
+    is how an over-long caption is cut (`TRUNCATE_MODES`, see the module docstring), so that
+    converted weights see the rows their own codebase made.
     """
 
     def __init__(
-        self, merges_path: str | os.PathLike | None = None, *, merges_data: bytes | None = None
+        self,
+        merges_path: str | os.PathLike | None = None,
+        *,
+        merges_data: bytes | None = None,
+        truncate: str = "keep_eot",
     ):
+        self.truncate = check_truncate(truncate)
         data, where = read_source(
             merges_path, merges_data, "CLIP BPE merges file", "ClipBpeTokenizer"
         )
         self._load(data, where)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> ClipBpeTokenizer:
+    def from_bytes(cls, data: bytes, *, truncate: str = "keep_eot") -> ClipBpeTokenizer:
         """Loads the tokenizer from the merges file's bytes (see `.merges_data`)."""
-        return cls(merges_data=data)
+        return cls(merges_data=data, truncate=truncate)
 
     def _load(self, data: bytes, where: str) -> None:
         merges = parse_merges(data, where)
@@ -148,9 +170,10 @@ class ClipBpeTokenizer(RowDecoder):
         self._cache: dict[str, list[int]] = dict(self._specials)
 
     def __getstate__(self) -> dict:
-        return {"data": self._data}
+        return {"data": self._data, "truncate": self.truncate}
 
     def __setstate__(self, state: dict) -> None:
+        self.truncate = check_truncate(state.get("truncate", "keep_eot"))
         self._load(state["data"], "<pickled tokenizer>")
 
     @property
@@ -204,17 +227,21 @@ class ClipBpeTokenizer(RowDecoder):
         return ids
 
     def encode(self, texts: Sequence[str], length: int = CONTEXT_LENGTH) -> np.ndarray:
-        """Encodes captions to int32 [B, length]: SOT + ids + EOT, right-padded with 0."""
+        """Encodes captions to int32 [B, length]: SOT + ids + EOT, right-padded with 0, an
+        over-long caption truncated as `self.truncate` says."""
         if isinstance(texts, str):
             raise TypeError("ClipBpeTokenizer.encode takes a sequence of strings, not one string")
         if length < 2:
             raise ValueError(f"length must be >= 2 (SOT and EOT), got {length}")
         texts = list(texts)
         out = np.full((len(texts), length), PAD_ID, np.int32)
+        cut = self.truncate == "cut"
         for row, text in zip(out, texts, strict=True):
-            ids = [self.sot_id, *self.encode_ids(text)][: length - 1]
+            if cut:
+                ids = [self.sot_id, *self.encode_ids(text), self.eos_id][:length]
+            else:
+                ids = [self.sot_id, *self.encode_ids(text)][: length - 1] + [self.eos_id]
             row[: len(ids)] = ids
-            row[len(ids)] = self.eos_id
         return out
 
     def _decode_row(self, row: np.ndarray) -> str:

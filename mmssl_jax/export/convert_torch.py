@@ -46,6 +46,10 @@ import numpy as np
 from mmssl_jax.models.model import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT
 
 ARCHS = ("openai", "open_clip", "slip")
+# How each source codebase's tokenizer cuts a caption longer than the context (recorded in the
+# export's model.json): OpenAI CLIP (truncate=True) and open_clip keep EOT at the last
+# position; SLIP's truncates [SOT] + ids + [EOT] to the length, dropping the EOT.
+TOKENIZER_TRUNCATION = {"openai": "keep_eot", "open_clip": "keep_eot", "slip": "cut"}
 
 # OpenAI CLIP's image statistics (open_clip's OPENAI_DATASET_MEAN/STD); SLIP uses ImageNet's.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -453,7 +457,9 @@ def convert_to_export(
     The text tower expects CLIP's BPE ids: with `bpe` (CLIP's `bpe_simple_vocab_16e6.txt.gz`,
     which ships with CLIP, open_clip and SLIP) the merges file is copied into the export and
     `encode_texts` / `zero_shot_classifier` tokenize with it; without it texts go in as ids
-    through `encode_tokens`. Images need nothing (the export's preprocess.json has CLIP's or
+    through `encode_tokens`. model.json records how the source codebase cut over-long
+    captions (`tokenizer_truncation`, `TOKENIZER_TRUNCATION`), and `encode_texts` cuts them
+    the same way. Images need nothing (the export's preprocess.json has CLIP's or
     SLIP's resize and statistics). The params in the export are this codebase's tree, ready
     to fine-tune from.
     """
@@ -474,6 +480,7 @@ def convert_to_export(
         preprocess=spec,
         text_length=cfg.get("context_length"),
         bpe_merges=merges,
+        tokenizer_truncation=TOKENIZER_TRUNCATION[resolved],
         source=source,
         stablehlo=stablehlo,
         overwrite=overwrite,

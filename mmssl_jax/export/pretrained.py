@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,6 +56,47 @@ def _resize_center_crop(image: np.ndarray, size: int, resize_size: int, resample
     return np.asarray(im.resize((size, size), Image.Resampling.BICUBIC, box=box))
 
 
+_AS_PIL = "pass greyscale or RGBA pictures as PIL images, which are converted to RGB"
+
+
+def _is_pil_image(x: Any) -> bool:
+    """Whether `x` is a PIL image (without importing PIL when nothing has)."""
+    module = sys.modules.get("PIL.Image")
+    return module is not None and isinstance(x, module.Image)
+
+
+def _pil_to_rgb(image: Any) -> np.ndarray:
+    """A PIL image of any mode as uint8 [H, W, 3] RGB (alpha dropped, as CLIP's loaders do)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _as_image(x: Any, what: str) -> np.ndarray:
+    """One list element (a PIL image or an [H, W, 3] array) as a numpy array."""
+    if _is_pil_image(x):
+        return _pil_to_rgb(x)
+    if not (isinstance(x, np.ndarray) or hasattr(x, "__array__")):
+        raise TypeError(
+            f"{what}: expected a PIL image or a uint8 [H, W, 3] array, got {type(x).__name__}"
+        )
+    x = np.asarray(x)
+    if x.ndim != 3:
+        raise ValueError(
+            f"{what}: expected one uint8 image [H, W, 3], got shape {x.shape} ({_AS_PIL})"
+        )
+    return x
+
+
+def _check_image(x: np.ndarray, what: str) -> None:
+    """uint8 [B, H, W, 3] or a clear error (a float image or a greyscale array is a mistake
+    the model would not notice)."""
+    if x.dtype != np.uint8:
+        raise TypeError(f"{what}: expected uint8 RGB in 0..255, got {x.dtype}")
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"{what}: expected [H, W, 3] RGB, got shape {x.shape[1:]} ({_AS_PIL})")
+
+
 class PretrainedModel:
     """A loaded export: batched, jitted encoders with the export's own preprocessing.
 
@@ -93,37 +135,53 @@ class PretrainedModel:
         return int(self.config["embed_dim"])
 
     def preprocess_images(self, images: Any) -> np.ndarray:
-        """uint8 [B, H, W, 3] (or a list of [H, W, 3] of any sizes) -> uint8 [B, S, S, 3]."""
+        """Images as a user has them -> uint8 [B, S, S, 3], resized and centre-cropped per
+        preprocess.json.
+
+        Accepts a PIL image or a list of them (greyscale, RGBA, palette... converted to RGB),
+        one uint8 [H, W, 3] array, a uint8 [B, H, W, 3] array, or a list of [H, W, 3] arrays
+        of different sizes (PIL images and arrays may be mixed).
+        """
         size = self.image_size
-        if isinstance(images, np.ndarray):
-            if images.ndim != 4:
-                raise ValueError(f"expected uint8 images [B, H, W, 3], got shape {images.shape}")
-            self._check_image(images, "images")
-            if images.shape[1:3] == (size, size):
-                return images
-            batch = list(images)
+        single = True  # one picture: errors name "image", else "images[i]"
+        if _is_pil_image(images):
+            batch = [_pil_to_rgb(images)]
+        elif isinstance(images, np.ndarray) or hasattr(images, "__array__"):
+            array = np.asarray(images)
+            if array.ndim == 4:
+                _check_image(array, "images")
+                if array.shape[1:3] == (size, size):
+                    return array
+                batch, single = list(array), False
+            elif array.ndim == 3:
+                batch = [array]
+            else:
+                raise ValueError(
+                    "images: expected one uint8 image [H, W, 3] or a batch [B, H, W, 3], got "
+                    f"shape {array.shape} ({_AS_PIL})"
+                )
+        elif isinstance(images, (str, bytes)) or not hasattr(images, "__iter__"):
+            raise TypeError(
+                "images: expected a PIL image, a uint8 [H, W, 3] or [B, H, W, 3] array, or a "
+                f"list of those images, got {type(images).__name__} (open files first, e.g. "
+                "with PIL.Image.open)"
+            )
         else:
-            batch = [np.asarray(im) for im in images]
-        out = np.empty((len(batch), self.image_size, self.image_size, 3), np.uint8)
+            batch = [_as_image(im, f"images[{i}]") for i, im in enumerate(images)]
+            single = False
+        out = np.empty((len(batch), size, size, 3), np.uint8)
         for i, im in enumerate(batch):
-            self._check_image(im[None], f"images[{i}]")
-            if im.shape[:2] == (self.image_size, self.image_size):
+            _check_image(im[None], "image" if single else f"images[{i}]")
+            if im.shape[:2] == (size, size):
                 out[i] = im
             else:
                 out[i] = _resize_center_crop(
                     im,
-                    self.image_size,
-                    max(self.image_size, self.preprocess["resize_size"]),
+                    size,
+                    max(size, self.preprocess["resize_size"]),
                     self.preprocess["resample"],
                 )
         return out
-
-    @staticmethod
-    def _check_image(x: np.ndarray, what: str) -> None:
-        if x.dtype != np.uint8:
-            raise TypeError(f"{what}: expected uint8 RGB in 0..255, got {x.dtype}")
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"{what}: expected [..., H, W, 3] RGB, got shape {x.shape[1:]}")
 
     def _batched(self, fn: Callable, x: np.ndarray, batch_size: int | None) -> np.ndarray:
         bs = int(batch_size or self.batch_size)
@@ -140,7 +198,7 @@ class PretrainedModel:
         return np.concatenate(chunks)
 
     def encode_images(self, images: Any, batch_size: int | None = None) -> np.ndarray:
-        """uint8 [B, H, W, 3] of any size -> float32 [B, D], L2-normalised."""
+        """Images (any form `preprocess_images` takes) -> float32 [B, D], L2-normalised."""
         return self._batched(self._images, self.preprocess_images(images), batch_size)
 
     def encode_tokens(self, tokens: np.ndarray, batch_size: int | None = None) -> np.ndarray:
@@ -189,6 +247,7 @@ def load_pretrained(path: str, *, batch_size: int = 256) -> PretrainedModel:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    from input_pipeline.tokenizers.clip_bpe import TRUNCATE_MODES
     from input_pipeline.tokenizers.spm import Tokenizer
     from input_pipeline.tokenizers.wordpiece import WordPieceTokenizer
     from mmssl_jax.models.registry import build_model
@@ -213,6 +272,12 @@ def load_pretrained(path: str, *, batch_size: int = 256) -> PretrainedModel:
         flat = load_file(os.path.join(path, PARAMS))
     except (SafetensorError, OSError, ValueError) as e:
         raise ExportError(f"{path}/{PARAMS}: not a readable safetensors file: {e}") from e
+    truncation = config.get("tokenizer_truncation", "keep_eot")  # absent in older exports
+    if truncation not in TRUNCATE_MODES:
+        raise ExportError(
+            f"{path}/{MODEL}: tokenizer_truncation must be one of {TRUNCATE_MODES}, got "
+            f"{truncation!r}"
+        )
     text_length = config.get("text_length")
     expected = expected_shapes(model, int(preprocess["image_size"]), text_length)
     check_variables(flat, expected, where=f"{path}/{PARAMS}")
@@ -235,8 +300,13 @@ def load_pretrained(path: str, *, batch_size: int = 256) -> PretrainedModel:
     elif model.text_encoder is not None and found:
         where = f"{path}/{found[0]}"
         with open(where, "rb") as f:
-            tokenizer = bpe_tokenizer(f.read(), where)
+            tokenizer = bpe_tokenizer(f.read(), where, truncation)
         check_bpe_model(model, tokenizer, where)
+    if truncation != "keep_eot" and found and found[0] not in BPE_MERGES:
+        raise ExportError(
+            f"{path}/{MODEL}: tokenizer_truncation={truncation!r} is a CLIP BPE mode, but the "
+            f"tokenizer is {found[0]}"
+        )
     return PretrainedModel(
         model, unflatten_variables(flat), config, preprocess, tokenizer, batch_size
     )

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from input_pipeline import tokenizers
+from input_pipeline.tokenizers import clip_bpe
 from mmssl_jax.models.model import l2_normalize
 from mmssl_jax.models.saved import (
     BPE_MERGES,
@@ -186,6 +187,7 @@ def write_export(
     tokenizer_proto: bytes | None = None,
     bpe_merges: bytes | None = None,
     wordpiece_json: bytes | None = None,
+    tokenizer_truncation: str | None = None,
     source: Mapping[str, Any] | None = None,
     stablehlo: bool = True,
     platforms: Sequence[str] = PLATFORMS,
@@ -197,6 +199,9 @@ def write_export(
     checked against the shapes the config builds before anything is written. The tokenizer is
     a sentencepiece proto (`tokenizer_proto`), CLIP's BPE merges file (`bpe_merges`, stored
     as given) or a BERT tower's Hugging Face `tokenizer.json` (`wordpiece_json`), at most one.
+    `tokenizer_truncation` ("keep_eot" or "cut", `clip_bpe.TRUNCATE_MODES`) records how the
+    weights' own codebase cut over-long CLIP BPE captions; `load_pretrained` tokenizes so
+    (absent means "keep_eot"). "cut" needs the BPE merges or no tokenizer at all.
     The directory is assembled next to `output` and renamed into place, so a failed export
     leaves no half-written directory; an existing export is replaced only with `overwrite=True`.
     """
@@ -212,6 +217,13 @@ def write_export(
     given = [x is not None for x in (tokenizer_proto, bpe_merges, wordpiece_json)]
     if sum(given) > 1:
         raise ValueError("give one of tokenizer_proto, bpe_merges or wordpiece_json")
+    if tokenizer_truncation is not None:
+        clip_bpe.check_truncate(tokenizer_truncation)
+        if tokenizer_truncation != "keep_eot" and (given[0] or given[2]):
+            raise ValueError(
+                f"tokenizer_truncation={tokenizer_truncation!r} is a CLIP BPE mode; a "
+                "sentencepiece or WordPiece tokenizer always keeps its end token"
+            )
     bpe_name = None
     if bpe_merges is not None:
         check_bpe_model(model, bpe_tokenizer(bpe_merges, "bpe_merges"), "bpe_merges")
@@ -243,6 +255,7 @@ def write_export(
             if wordpiece_json is not None
             else None
         ),
+        **({"tokenizer_truncation": tokenizer_truncation} if tokenizer_truncation else {}),
         "source": _plain(dict(source or {})),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "jax_version": jax.__version__,

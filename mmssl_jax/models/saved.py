@@ -4,7 +4,9 @@ An export directory holds only data (JSON, safetensors, a sentencepiece proto or
 merges text, serialized StableHLO); loading never unpickles or executes anything from it:
 
     manifest.json        format, version, and the sha256 and size of every other file
-    model.json           model config (`registry.build_model`), logit scale/bias, text length
+    model.json           model config (`registry.build_model`), logit scale/bias, text length,
+                         for CLIP's BPE how long captions are cut (`tokenizer_truncation`:
+                         "keep_eot", also when absent, or "cut" for converted SLIP weights)
     preprocess.json      image size, short-side resize + centre crop, resampling, mean/std
     params.safetensors   every variable, '/'-joined keys: "params/image_encoder/cls_token",
                          "batch_stats/ssl_head/norm0/mean", ...
@@ -176,11 +178,12 @@ def verify_export(directory: str) -> dict[str, Any]:
     return manifest
 
 
-def bpe_tokenizer(data: bytes, where: str) -> Any:
+def bpe_tokenizer(data: bytes, where: str, truncate: str = "keep_eot") -> Any:
+    """CLIP's BPE tokenizer from a merges file's bytes; ExportError naming `where` if bad."""
     from input_pipeline.tokenizers.clip_bpe import ClipBpeTokenizer
 
     try:
-        return ClipBpeTokenizer.from_bytes(data)
+        return ClipBpeTokenizer.from_bytes(data, truncate=truncate)
     except ValueError as e:
         raise ExportError(f"{where}: {e}") from e
 

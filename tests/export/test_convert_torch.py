@@ -297,6 +297,7 @@ def test_clip_parity(arch, act):
     state = state_dict_numpy(ref)
     assert "attn_mask" not in state  # open_clip: a non-persistent buffer
     cfg, variables, spec = convert_torch.convert_state_dict(state, arch)
+    assert convert_torch.TOKENIZER_TRUNCATION[arch] == "keep_eot"
     assert cfg["image_overrides"]["act"] == cfg["text_overrides"]["act"]
     assert spec["resample"] == "bicubic" and spec["mean"][0] == pytest.approx(0.48145466)
     images, tokens = images_and_tokens(32, 16, 500)
@@ -330,6 +331,7 @@ def test_slip_checkpoint_file_parity(tmp_path):
     spec = model.preprocess
     assert spec["resample"] == "bilinear" and spec["mean"] == [0.485, 0.456, 0.406]
     assert model.config["source"]["arch"] == "slip"
+    assert model.config["tokenizer_truncation"] == "cut"  # SLIP's tokenizer, recorded
     with pytest.raises(ValueError, match="no tokenizer.model.*encode_tokens"):
         model.encode_texts(["a photo of a cat"])  # CLIP's BPE ids are the user's to make
     assert model.logit_scale == pytest.approx(math.exp(2.0), rel=1e-6)

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -191,6 +192,52 @@ def test_stablehlo_artifacts_run_without_mmssl_jax(exported, run, tmp_path):
     np.testing.assert_allclose(hlo["texts"], run["text_emb"], atol=ATOL, rtol=0)
 
 
+# The README's StableHLO example: the indented code block between these two comments.
+README_SNIPPET = re.compile(
+    r"<!-- stablehlo-snippet:[^\n]*-->\n(.*?)\n<!-- /stablehlo-snippet -->", re.DOTALL
+)
+
+
+def readme_stablehlo_snippet() -> str:
+    """The code of README.md's StableHLO snippet, dedented."""
+    found = README_SNIPPET.findall((ROOT / "README.md").read_text())
+    assert len(found) == 1, "README.md needs exactly one <!-- stablehlo-snippet: ... --> block"
+    block = found[0].strip("\n")
+    lines = block.splitlines()
+    assert all(not line or line.startswith("    ") for line in lines), "not an indented block"
+    return textwrap.dedent(block)
+
+
+def test_readme_stablehlo_snippet_matches_load_pretrained(exported, tmp_path):
+    """The README's snippet, run as a user would (a fresh process, no mmssl_jax, the export
+    at the path it names), gives load_pretrained's embeddings of the same images."""
+    code = readme_stablehlo_snippet()
+    assert "mmssl_jax" not in code
+    (path,) = re.findall(r'^export = "([^"]+)"$', code, re.MULTILINE)
+    (tmp_path / path).parent.mkdir(parents=True)
+    (tmp_path / path).symlink_to(exported)
+    check = """
+import sys
+loaded = [m for m in sys.modules if m.split(".")[0] in ("mmssl_jax", "input_pipeline", "flax")]
+assert not loaded, loaded
+np.savez("snippet.npz", images=images, embeddings=embeddings)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code + check],
+        cwd=tmp_path,  # not the repository
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = np.load(tmp_path / "snippet.npz")
+    assert out["images"].dtype == np.uint8 and len(out["images"]) > 1
+    want = load_pretrained(str(exported)).encode_images(out["images"])
+    np.testing.assert_allclose(out["embeddings"], want, atol=ATOL, rtol=0)
+
+
 def test_any_size_images_batching_and_zero_shot(exported, run):
     model = load_pretrained(str(exported), batch_size=4)
     # Any size: resized + centre-cropped exactly as the evaluation pipeline does.
@@ -219,6 +266,55 @@ def test_any_size_images_batching_and_zero_shot(exported, run):
     assert zs.shape == (2, 128)
     np.testing.assert_allclose(zs, want, atol=1e-6)
     assert model.zero_shot_classifier(["cat"], "simple").shape == (1, 128)
+
+
+def test_encode_images_accepts_pil_images_and_arrays(exported, run):
+    """One picture, one embedding, whichever form it comes in: a PIL image (any mode), a list
+    of them, one [H, W, 3] array, a [B, H, W, 3] array, a list of differently sized arrays."""
+    from PIL import Image
+
+    model = load_pretrained(str(exported))
+    originals, want = run["originals"], run["image_emb"]  # 128 x 128 and one 128 x 80
+    pils = [Image.fromarray(im) for im in originals]
+
+    def same(images, rows):
+        np.testing.assert_allclose(model.encode_images(images), want[rows], atol=ATOL, rtol=0)
+
+    same(pils, slice(None))  # a list of PIL images
+    same(originals, slice(None))  # a list of differently sized arrays
+    same([pils[0], originals[1], pils[2]], slice(0, 3))  # mixed
+    for i in (0, 1):
+        same(pils[i], [i])  # one PIL image
+        same(originals[i], [i])  # one [H, W, 3] array
+        same(originals[i][None], [i])  # a batch of one
+    same(np.stack([originals[0], originals[2]]), [0, 2])  # [B, H, W, 3], resized
+    same(tuple(pils[2:4]), slice(2, 4))
+
+    # Greyscale and RGBA pictures become RGB (grey replicated, alpha dropped).
+    grey = pils[0].convert("L")
+    grey_rgb = np.repeat(np.asarray(grey)[..., None], 3, axis=-1)
+    np.testing.assert_allclose(
+        model.encode_images([grey, grey.convert("LA")]),
+        model.encode_images([grey_rgb, grey_rgb]),
+        atol=ATOL,
+        rtol=0,
+    )
+    rgba = pils[3].copy()
+    rgba.putalpha(100)
+    same(rgba, [3])
+
+    with pytest.raises(TypeError, match="PIL image.*open files first"):
+        model.encode_images("picture.png")
+    with pytest.raises(TypeError, match=r"images\[1\]: expected a PIL image .* got str"):
+        model.encode_images([pils[0], "picture.png"])
+    with pytest.raises(ValueError, match=r"images: expected one .* got shape \(128, 128\).*PIL"):
+        model.encode_images(np.asarray(grey))  # a greyscale array: [H, W] is not a picture
+    with pytest.raises(ValueError, match=r"images\[0\]: expected one uint8 image.*PIL"):
+        model.encode_images([np.asarray(grey)])
+    with pytest.raises(ValueError, match=r"image: expected \[H, W, 3\] RGB, .* \(128, 128, 4\)"):
+        model.encode_images(np.asarray(rgba))
+    with pytest.raises(TypeError, match=r"images\[1\]: expected uint8"):
+        model.encode_images([originals[0], originals[1].astype(np.float32)])
 
 
 def _copy(exported, tmp_path):

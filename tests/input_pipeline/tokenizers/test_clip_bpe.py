@@ -11,8 +11,10 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import pickle
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -148,6 +150,7 @@ def test_converted_export_tokenizes_with_bpe(tok, merges_path, tmp_path):
     assert "tokenizer.model" not in manifest["files"]
     model = load_pretrained(str(out))
     assert model.config["tokenizer"] == "clip_bpe" and model.text_length == 16
+    assert model.config["tokenizer_truncation"] == "keep_eot" == model.tokenizer.truncate
     texts = ["a photo of a cat.", "wow !$ deal", "x" * 100]
     tokens = tok.encode(texts, 16)
     np.testing.assert_array_equal(model.tokenizer.encode(texts, 16), tokens)
@@ -168,4 +171,88 @@ def test_converted_export_tokenizes_with_bpe(tok, merges_path, tmp_path):
     with pytest.raises(ExportError, match="pool='argmax'"):
         write_export(str(tmp_path / "bad"), model_cfg=cfg, variables=variables, preprocess=spec,
                      text_length=16, bpe_merges=tok.merges_data, stablehlo=False)  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+
+
+LONG = " ".join(f"word{i}" for i in range(60))  # far more than 76 BPE tokens
+
+
+def test_truncate_modes(tok, merges_path):
+    """Over-long captions: "keep_eot" (open_clip, the default) keeps EOT at 76, "cut" (SLIP)
+    is plain truncation of [SOT] + ids + [EOT], no EOT in the row. Captions that fit agree."""
+    full = [SOT, *tok.encode_ids(LONG), EOT]
+    assert len(full) > 77
+    cut = ClipBpeTokenizer(merges_path, truncate="cut")
+    texts = [LONG, "a photo of a cat."]
+    rows, kept = cut.encode(texts, 77), tok.encode(texts, 77)
+    assert tok.truncate == "keep_eot" and cut.truncate == "cut"
+    np.testing.assert_array_equal(rows[0], full[:77])
+    assert EOT not in rows[0] and np.argmax(rows[0]) == 0  # argmax pooling reads SOT
+    np.testing.assert_array_equal(kept[0], [*full[:76], EOT])
+    np.testing.assert_array_equal(rows[1], kept[1])  # fits: no difference
+    np.testing.assert_array_equal(cut.encode(texts, 8)[0], full[:8])
+    # The mode travels with the bytes and through pickling (grain workers).
+    same = ClipBpeTokenizer.from_bytes(tok.merges_data, truncate="cut")
+    np.testing.assert_array_equal(same.encode(texts, 77), rows)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(cut)).encode(texts, 77), rows)
+    with pytest.raises(ValueError, match=r"truncate must be one of \('keep_eot', 'cut'\).*'drop'"):
+        ClipBpeTokenizer(merges_path, truncate="drop")
+
+
+def test_converted_slip_export_cuts_long_captions(tok, merges_path, tmp_path):
+    """A SLIP checkpoint converts with `tokenizer_truncation: "cut"` in model.json, and the
+    export's encode_texts tokenizes long captions as SLIP did (matching the PyTorch tower on
+    SLIP's rows); an export without the key (older ones) keeps EOT; a bad value is named."""
+    torch = pytest.importorskip("torch", reason="the converted checkpoint is a torch file")
+    from mmssl_jax.export import ExportError, load_pretrained, write_export, write_manifest
+    from tests.export.test_convert_torch import SMALL, Slip, _tool, randomize
+
+    dims = dict(SMALL, vwidth=96, vheads=3, mlp_dim=64, ssl_dim=32, vocab=49408, context=77,
+                twidth=64, theads=1)  # fmt: skip
+    ref = randomize(Slip(**dims), seed=5)
+    checkpoint = tmp_path / "checkpoint_best.pt"
+    torch.save({"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, checkpoint)
+    out = tmp_path / "export"
+    argv = [f"--checkpoint={checkpoint}", f"--output={out}", f"--bpe={merges_path}"]
+    assert _tool("convert_torch").main([*argv, "--vision_heads=3", "--no_stablehlo"]) == 0
+
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["source"]["arch"] == "slip" and meta["tokenizer_truncation"] == "cut"
+    model = load_pretrained(str(out))
+    assert model.tokenizer.truncate == "cut"
+    texts = [LONG, "a photo of a cat."]
+    slip_rows = ClipBpeTokenizer(merges_path, truncate="cut").encode(texts, 77)
+    np.testing.assert_array_equal(model.tokenizer.encode(texts, 77), slip_rows)
+    with torch.no_grad():
+        ref_txt = ref.encode_text(torch.from_numpy(slip_rows).long()).numpy()
+    ref_txt /= np.linalg.norm(ref_txt, axis=-1, keepdims=True)
+    cut_emb = model.encode_texts(texts)
+    np.testing.assert_allclose(cut_emb, ref_txt, atol=1e-4, rtol=0)
+    kept_emb = model.encode_tokens(tok.encode(texts, 77))  # open_clip's rows: another vector
+    assert np.abs(kept_emb[0] - cut_emb[0]).max() > 1e-2
+    np.testing.assert_allclose(kept_emb[1], cut_emb[1], atol=1e-6)
+
+    # An export written before the key existed loads as it did: EOT kept.
+    del meta["tokenizer_truncation"]
+    (out / "model.json").write_text(json.dumps(meta))
+    write_manifest(str(out))
+    old = load_pretrained(str(out))
+    assert old.tokenizer.truncate == "keep_eot"
+    np.testing.assert_allclose(old.encode_texts(texts), kept_emb, atol=1e-6, rtol=0)
+    meta["tokenizer_truncation"] = "drop"
+    (out / "model.json").write_text(json.dumps(meta))
+    write_manifest(str(out))
+    with pytest.raises(ExportError, match=r"model\.json: tokenizer_truncation must be one of"):
+        load_pretrained(str(out))
+
+    # write_export checks the mode before writing anything.
+    cfg, variables = model.config["model"], jax.device_get(model.variables)
+    for kwargs, match in [
+        (dict(tokenizer_truncation="drop"), "truncate must be one of"),
+        (dict(tokenizer_truncation="cut", tokenizer_proto=b"spm"), "is a CLIP BPE mode"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            write_export(str(tmp_path / "bad"), model_cfg=cfg, variables=variables,
+                         preprocess=model.preprocess, text_length=77, stablehlo=False,
+                         **kwargs)  # fmt: skip
     assert not (tmp_path / "bad").exists()
