@@ -18,7 +18,11 @@ metrics) to a ConfigDict:
                       and linear_probe); tsne_points: at most this many points (1000)
       seed            int, seeds the held-out split, the CV folds and t-SNE; default 0
       classnames      path to a JSON list of class names (an entry may be a list of
-                      synonyms); needed by zero_shot, optional elsewhere (plot legends)
+                      synonyms); needed by zero_shot, optional elsewhere (plot legends; by
+                      default the PREFIX-classnames.json beside the shards, when there)
+      groups          path to a JSON {"groups": [names], "group_of_label": [index per
+                      class]}: t-SNE maps of more than 20 classes are coloured by group (by
+                      default the PREFIX-groups.json beside the class names, when there)
 
     zero_shot      shards (glob of labelled shards), classnames, templates (a set in
                    evaluation/templates/ or a .json path; default "simple")
@@ -46,7 +50,8 @@ Returns the trained model's metrics flat, "<name>/<metric>". Written by process 
 `<workdir>/eval/`: the results table (see report.py) with both baselines beside each metric,
 `history.jsonl` (one line per call), `baselines.json` (their cache, see baselines.py), and
 `plots/`: `<name>_confusion_step_<N>.png`, `<name>_tsne_step_<N>.png`, `eval_curves.png`
-(every eval metric over steps) and `train_curves.png` (from `<workdir>/metrics.jsonl`).
+(every eval metric over steps, its baselines as reference lines) and `train_curves.png`
+(from `<workdir>/metrics.jsonl`, without curves that are always 0 or copy another).
 
 Eval arrays are decoded once per process and cached (they do not change during training);
 features are computed once per call and encoder, and shared between evaluations that read the
@@ -167,20 +172,30 @@ def _lazy(encoder_or_factory):
     return get if encoder_or_factory is not None else None
 
 
-def _plot_curves(call: EvalCall, history: str, metrics: Mapping[str, float]) -> None:
-    """Eval metrics over steps, and the training log's curves when there is one."""
+def _plot_curves(
+    call: EvalCall, history: str, metrics: Mapping[str, float], base: Mapping[str, Mapping]
+) -> None:
+    """Eval metrics over steps beside their baselines, and the training log's curves."""
     try:
         keys = [k for k in metrics if not k.endswith(("/C", "/num_classes", "/val_top1"))]
         out = os.path.join(call.plot_dir, "eval_curves.png")
+        names = {baselines_lib.RANDOM_INIT: "random init", baselines_lib.RAW_PIXELS: "raw pixels"}
         call.add_plot(
-            plots_lib.plot_curves(history, out, keys=keys, group=True, title="evaluation")
+            plots_lib.plot_curves(
+                history,
+                out,
+                panels=plots_lib.eval_panels(keys),
+                baselines={names[kind]: base.get(kind, {}) for kind in names},
+                cols=3,
+                title=f"evaluation (latest: step {call.step})",
+            )
         )
         train_log = os.path.join(call.workdir, "metrics.jsonl")
         if os.path.exists(train_log):
             out = os.path.join(call.plot_dir, "train_curves.png")
-            call.add_plot(plots_lib.plot_curves(train_log, out, title="training"))
+            call.add_plot(plots_lib.plot_curves(train_log, out, prune=True, title="training"))
     except Exception as e:  # noqa: BLE001 - a plot must never lose the results
-        logging.warning("curves not plotted: %s", e)
+        logging.warning("curves not plotted: %s: %s", type(e).__name__, e)
 
 
 def _write_outputs(call: EvalCall, metrics: dict, base: dict, *, curves: bool = True) -> None:
@@ -191,7 +206,7 @@ def _write_outputs(call: EvalCall, metrics: dict, base: dict, *, curves: bool = 
         safe = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
         f.write(json.dumps({"step": call.step, **safe}) + "\n")
     if curves:
-        _plot_curves(call, history, metrics)
+        _plot_curves(call, history, metrics, base)
     paths = report_lib.write_report(call.workdir, call.step, metrics, base, plots=call.plots)
     logging.info("evaluation report: %s", paths["md"])
 

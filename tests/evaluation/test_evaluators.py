@@ -516,6 +516,8 @@ def test_runner_end_to_end(fmnist_shards, tmp_path):
     assert "| fm_probe | block_1/top1 |" in md
     for p in data["plots"]:
         assert_png(os.path.join(eval_dir, p))
+        with Image.open(os.path.join(eval_dir, p)) as im:  # one screen, whatever the data
+            assert max(im.size) <= plots.MAX_SIDE_PX, (p, im.size)
     made = {os.path.basename(p) for p in data["plots"]}
     assert {"fm_zs_confusion_step_7.png", "fm_zs_tsne_step_7.png", "eval_curves.png"} <= made
     assert {"fm_probe_tsne_step_7.png", "train_curves.png"} <= made
