@@ -45,6 +45,12 @@ COMMON = dict(
 _ARRAYS: dict[tuple, dict] = {}  # eval arrays, per process: they do not change in training
 
 
+class CannotEvaluateError(ValueError):
+    """The data an evaluation was given cannot support it (too few records or classes, no
+    labels, no captions): the runner skips that evaluation and says why in the report,
+    where a ValueError of any other kind (a config error, a bug) stops the run."""
+
+
 def shard_paths(name: str, key: str, pattern: str | Sequence[str]) -> list[str]:
     """The shard files of evals.<name>.<key>; a clear FileNotFoundError when there are none."""
     patterns = pattern.split(",") if isinstance(pattern, str) else list(pattern)
@@ -230,7 +236,7 @@ def labelled(arrays: dict) -> np.ndarray:
 def need_labels(name: str, key: str, arrays: dict) -> np.ndarray:
     keep = labelled(arrays)
     if not len(keep):
-        raise ValueError(f"evals.{name}.{key}: no labelled record (all labels are -1)")
+        raise CannotEvaluateError(f"evals.{name}.{key}: no labelled record (all labels are -1)")
     return keep
 
 
