@@ -29,7 +29,7 @@ EncoderOrFactory = Encoder | Callable[[], Encoder]
 
 
 # Keys that change how results are shown or computed in batches, not what they are.
-PRESENTATION_KEYS = frozenset({"plots", "tsne", "tsne_points", "batch_size", "baselines"})
+PRESENTATION_KEYS = frozenset({"plots", "tsne", "tsne_points", "groups", "batch_size", "baselines"})
 
 
 def fingerprint(cfg: Mapping) -> str:

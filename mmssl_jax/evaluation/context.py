@@ -8,7 +8,9 @@ artifacts)` uses these helpers.
 from __future__ import annotations
 
 import glob as globlib
+import json
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -37,9 +39,16 @@ COMMON = dict(
     tsne_points=1000,
     seed=0,
     classnames=None,
+    groups=None,
 )
 
 _ARRAYS: dict[tuple, dict] = {}  # eval arrays, per process: they do not change in training
+
+
+class CannotEvaluateError(ValueError):
+    """The data an evaluation was given cannot support it (too few records or classes, no
+    labels, no captions): the runner skips that evaluation and says why in the report,
+    where a ValueError of any other kind (a config error, a bug) stops the run."""
 
 
 def shard_paths(name: str, key: str, pattern: str | Sequence[str]) -> list[str]:
@@ -58,6 +67,52 @@ def load_classnames(path: str | None) -> list | None:
     from input_pipeline.pipeline import load_classnames as _load
 
     return _load(path or None)
+
+
+def beside_shards(pattern: str | Sequence[str] | None, suffix: str) -> str | None:
+    """The `PREFIX-<suffix>` file that `tools/make_shards.py` writes beside the shards
+    `PREFIX[-SPLIT]-00000-of-0000N.tfrecord` of `pattern` (e.g. "classnames.json"), if any."""
+    if not pattern:
+        return None
+    patterns = pattern.split(",") if isinstance(pattern, str) else list(pattern)
+    paths = sorted(p for pat in patterns for p in globlib.glob(pat) if not p.endswith(".idx"))
+    if not paths:
+        return None
+    folder, base = os.path.split(re.sub(r"-\d{5}-of-\d{5}\.tfrecord$", "", paths[0]))
+    for prefix in dict.fromkeys((base, base.rsplit("-", 1)[0])):  # PREFIX-SPLIT, then PREFIX
+        path = os.path.join(folder, f"{prefix}-{suffix}")
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def load_groups(path: str | None) -> tuple[list[str], list[int]] | None:
+    """(group names, group index of each class) from a JSON {"groups": [...],
+    "group_of_label": [...]} (the emoji shards' PREFIX-groups.json), or None."""
+    if not path:
+        return None
+    with open(path) as f:
+        data = json.load(f)
+    names, of = (
+        data.get(k) if isinstance(data, dict) else None for k in ("groups", "group_of_label")
+    )
+    ok = isinstance(names, list) and isinstance(of, list)
+    if not ok or not all(isinstance(i, int) and 0 <= i < len(names) for i in of):
+        raise ValueError(f'{path}: expected {{"groups": [names], "group_of_label": [index]}}')
+    return [str(n) for n in names], of
+
+
+def plot_labels(cfg: Mapping) -> tuple[list | None, tuple[list[str], list[int]] | None]:
+    """Class names and groups for an evaluation's plots: the configured files, else those
+    that `tools/make_shards.py` wrote beside its shards (Fashion-MNIST's class names, the
+    emoji groups beside the emoji class names)."""
+    shards = cfg.get("test_shards") or cfg.get("shards")
+    names_path = cfg.get("classnames") or beside_shards(shards, "classnames.json")
+    groups_path = cfg.get("groups")
+    if not groups_path and names_path and names_path.endswith("-classnames.json"):
+        candidate = names_path[: -len("classnames.json")] + "groups.json"
+        groups_path = candidate if os.path.exists(candidate) else None
+    return load_classnames(names_path), load_groups(groups_path)
 
 
 def _limit(cfg: Mapping, key: str) -> int | None:
@@ -181,8 +236,17 @@ def labelled(arrays: dict) -> np.ndarray:
 def need_labels(name: str, key: str, arrays: dict) -> np.ndarray:
     keep = labelled(arrays)
     if not len(keep):
-        raise ValueError(f"evals.{name}.{key}: no labelled record (all labels are -1)")
+        raise CannotEvaluateError(f"evals.{name}.{key}: no labelled record (all labels are -1)")
     return keep
+
+
+def draw(call: EvalCall, name: str, what: str, plot: Callable[[], str | None]) -> None:
+    """Runs `plot()` (a plot function returning its path) and records the plot; a plot that
+    fails is a warning, never a lost result."""
+    try:
+        call.add_plot(plot())
+    except Exception as e:  # noqa: BLE001 - a plot must never lose the results
+        logging.warning("evals.%s: %s not plotted: %s: %s", name, what, type(e).__name__, e)
 
 
 def tsne(call: EvalCall, name: str, cfg: Mapping, emb: np.ndarray, labels: np.ndarray) -> None:
@@ -190,17 +254,20 @@ def tsne(call: EvalCall, name: str, cfg: Mapping, emb: np.ndarray, labels: np.nd
     if call.write and cfg["plots"] and cfg["tsne"]:
         from mmssl_jax.evaluation import plots as plots_lib
 
-        classnames = load_classnames(cfg["classnames"])
-        path = plots_lib.plot_embedding_map(
-            emb,
-            labels,
-            classnames,
-            call.plot_path(name, "tsne"),
-            max_points=cfg["tsne_points"],
-            seed=cfg["seed"],
-            title=f"{name}: t-SNE of image features (step {call.step})",
-        )
-        call.add_plot(path)
+        def plot() -> str:
+            classnames, groups = plot_labels(cfg)
+            return plots_lib.plot_embedding_map(
+                emb,
+                labels,
+                classnames,
+                call.plot_path(name, "tsne"),
+                groups=groups,
+                max_points=cfg["tsne_points"],
+                seed=cfg["seed"],
+                title=f"{name}: t-SNE of image features (step {call.step})",
+            )
+
+        draw(call, name, "t-SNE map", plot)
 
 
 def train_test(call, name, cfg, encoder, desc):

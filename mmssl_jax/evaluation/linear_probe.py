@@ -10,6 +10,8 @@ schedule, which is what a periodic health check on a few thousand images wants.
 
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -38,6 +40,29 @@ def _fit(C: float, x: np.ndarray, y: np.ndarray, max_iter: int) -> Pipeline:
         return make_probe(C, max_iter).fit(x, y)
 
 
+def _split_sizes(n: int, val_fraction: float) -> tuple[int, int]:
+    n_val = math.ceil(val_fraction * n)  # as train_test_split rounds a fractional test_size
+    return n_val, n - n_val
+
+
+def check_split(n: int, num_classes: int, val_fraction: float) -> None:
+    """Raises CannotEvaluateError unless both parts of the held-out split of n training
+    records can hold every one of `num_classes` classes (else the chosen C measures nothing;
+    with stratification scikit-learn refuses the split outright)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"linear_probe: val_fraction must lie in (0, 1); got {val_fraction}")
+    n_val, n_fit = _split_sizes(n, val_fraction)
+    if min(n_val, n_fit) >= num_classes:
+        return
+    need = next(m for m in itertools.count(n) if min(_split_sizes(m, val_fraction)) >= num_classes)
+    raise context.CannotEvaluateError(
+        f"{n} labelled train records are too few to choose C on a held-out split: "
+        f"val_fraction={val_fraction} leaves {n_val} for validation and {n_fit} for fitting, "
+        f"fewer than the {num_classes} classes (give at least {need} train records, or a "
+        "single C in `Cs` to skip the choice)"
+    )
+
+
 def select_c(
     x: np.ndarray,
     y: np.ndarray,
@@ -49,10 +74,12 @@ def select_c(
 ) -> tuple[float, dict[float, float]]:
     """Chooses C by accuracy on a held-out split of (x, y); returns (best C, {C: accuracy}).
 
-    Ties go to the smaller C (stronger regularisation).
+    Ties go to the smaller C (stronger regularisation). CannotEvaluateError when the split cannot
+    hold every class (see check_split).
     """
     if len(Cs) == 1:
         return float(Cs[0]), {}
+    check_split(len(y), len(np.unique(y)), val_fraction)
     _, counts = np.unique(y, return_counts=True)
     stratify = y if counts.min() >= 2 else None
     x_tr, x_val, y_tr, y_val = train_test_split(
@@ -84,9 +111,16 @@ def linear_probe(
     seed: int = 0,
     max_iter: int = 1000,
 ) -> dict[str, float]:
-    """Test accuracy of a logistic-regression probe; returns {top1, C, val_top1}."""
+    """Test accuracy of a logistic-regression probe; returns {top1, C, val_top1}.
+
+    CannotEvaluateError when train holds one class, or too few records to choose C.
+    """
     train_x = np.asarray(train_x, np.float32).reshape(len(train_x), -1)
     test_x = np.asarray(test_x, np.float32).reshape(len(test_x), -1)
+    if len(np.unique(train_y)) < 2:
+        raise context.CannotEvaluateError(
+            f"the {len(train_y)} labelled train records hold fewer than 2 classes"
+        )
     C, scores = select_c(
         train_x, train_y, Cs, val_fraction=val_fraction, seed=seed, max_iter=max_iter
     )

@@ -4,7 +4,8 @@ Written to `<workdir>/eval/`: `results_step_<N>.json`, `results_step_<N>.md`, an
 `latest.json` / `latest.md` (copies of the newest, what a reader opens first). A row is one
 metric of one evaluation ("fmnist_probe" / "emb/top1") with the trained model's value, the
 same protocol on raw pixels, and on a randomly initialised encoder of the same architecture;
-a baseline that does not apply (raw pixels have no text tower) is shown as "-".
+a baseline that does not apply (raw pixels have no text tower) is shown as "-". An evaluation
+that could not run on its data has one row, "skipped: <reason>" (and JSON "skipped").
 """
 
 from __future__ import annotations
@@ -44,8 +45,14 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4g}"
 
 
-def to_markdown(step: int, rows: Sequence[dict], plots: Sequence[str] = ()) -> str:
-    """The table as GitHub Markdown, plots (paths relative to eval/) embedded below it."""
+def to_markdown(
+    step: int,
+    rows: Sequence[dict],
+    plots: Sequence[str] = (),
+    skipped: Mapping[str, str] | None = None,
+) -> str:
+    """The table as GitHub Markdown (a "skipped: <reason>" row per evaluation that could not
+    run), plots (paths relative to eval/) embedded below it."""
     lines = [
         f"# Evaluation at step {step}",
         "",
@@ -56,6 +63,9 @@ def to_markdown(step: int, rows: Sequence[dict], plots: Sequence[str] = ()) -> s
         cells = [row["eval"], row["metric"], _fmt(row["value"])]
         cells += [_fmt(row.get(k)) for k in BASELINES]
         lines.append("| " + " | ".join(cells) + " |")
+    for name, reason in (skipped or {}).items():
+        reason = " ".join(str(reason).split()).replace("|", "\\|")
+        lines.append(f"| {name} | skipped: {reason} | - |" + " - |" * len(BASELINES))
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({p})" for p in plots]
@@ -82,12 +92,13 @@ def write_report(
     baselines: Mapping[str, Mapping[str, float]] | None = None,
     *,
     plots: Sequence[str] = (),
+    skipped: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Writes the JSON and Markdown tables for `step`; returns their paths by kind.
 
     `metrics` maps "eval/metric" to the trained model's value; `baselines` maps
     "raw_pixels" / "random_init" to dicts with the same keys. `plots` are paths relative to
-    `<workdir>/eval`.
+    `<workdir>/eval`; `skipped` maps the evaluations that could not run to the reason.
     """
     baselines = baselines or {}
     out_dir = os.path.join(workdir, "eval")
@@ -101,10 +112,11 @@ def write_report(
             for kind in BASELINES
         },
         "rows": [{k: _jsonable(v) for k, v in row.items()} for row in rows],
+        "skipped": dict(skipped or {}),
         "plots": list(plots),
     }
     text_json = json.dumps(payload, indent=2, sort_keys=False) + "\n"
-    text_md = to_markdown(step, rows, plots)
+    text_md = to_markdown(step, rows, plots, skipped)
     paths = {
         "json": os.path.join(out_dir, f"results_step_{step}.json"),
         "md": os.path.join(out_dir, f"results_step_{step}.md"),

@@ -138,7 +138,9 @@ def run(call, name, cfg, encoder, rows, artifacts) -> dict[str, float]:
     arrays = context.load_arrays(name, cfg, "shards")
     texts, text_to_image = flatten_captions(arrays["texts"])
     if not texts:
-        raise ValueError(f"evals.{name}: the records of {cfg['shards']!r} carry no captions")
+        raise context.CannotEvaluateError(
+            f"evals.{name}: the records of {cfg['shards']!r} carry no captions"
+        )
     feats = call.features(encoder, arrays, cfg, f"{name} images")
     if "emb" not in feats:
         raise ValueError(f"evals.{name}: retrieval needs the encoder's 'emb' output")

@@ -18,7 +18,11 @@ metrics) to a ConfigDict:
                       and linear_probe); tsne_points: at most this many points (1000)
       seed            int, seeds the held-out split, the CV folds and t-SNE; default 0
       classnames      path to a JSON list of class names (an entry may be a list of
-                      synonyms); needed by zero_shot, optional elsewhere (plot legends)
+                      synonyms); needed by zero_shot, optional elsewhere (plot legends; by
+                      default the PREFIX-classnames.json beside the shards, when there)
+      groups          path to a JSON {"groups": [names], "group_of_label": [index per
+                      class]}: t-SNE maps of more than 20 classes are coloured by group (by
+                      default the PREFIX-groups.json beside the class names, when there)
 
     zero_shot      shards (glob of labelled shards), classnames, templates (a set in
                    evaluation/templates/ or a .json path; default "simple")
@@ -46,7 +50,13 @@ Returns the trained model's metrics flat, "<name>/<metric>". Written by process 
 `<workdir>/eval/`: the results table (see report.py) with both baselines beside each metric,
 `history.jsonl` (one line per call), `baselines.json` (their cache, see baselines.py), and
 `plots/`: `<name>_confusion_step_<N>.png`, `<name>_tsne_step_<N>.png`, `eval_curves.png`
-(every eval metric over steps) and `train_curves.png` (from `<workdir>/metrics.jsonl`).
+(every eval metric over steps, its baselines as reference lines) and `train_curves.png`
+(from `<workdir>/metrics.jsonl`, without curves that are always 0 or copy another).
+
+An evaluation that cannot run on the data it was given (a CannotEvaluateError of its
+evaluator, or scikit-learn refusing the data: too few records for the classes, no labels) is
+skipped with a warning naming it and the reason, and the report says "skipped: <reason>";
+the other evaluations run. Any other error propagates.
 
 Eval arrays are decoded once per process and cached (they do not change during training);
 features are computed once per call and encoder, and shared between evaluations that read the
@@ -74,6 +84,7 @@ from mmssl_jax.evaluation import report as report_lib
 from mmssl_jax.evaluation.context import (  # noqa: F401  (re-exported for callers)
     BUILD_HINT,
     COMMON,
+    CannotEvaluateError,
     EvalCall,
     clear_cache,
     load_arrays,
@@ -167,23 +178,74 @@ def _lazy(encoder_or_factory):
     return get if encoder_or_factory is not None else None
 
 
-def _plot_curves(call: EvalCall, history: str, metrics: Mapping[str, float]) -> None:
-    """Eval metrics over steps, and the training log's curves when there is one."""
+def _plot_curves(
+    call: EvalCall, history: str, metrics: Mapping[str, float], base: Mapping[str, Mapping]
+) -> None:
+    """Eval metrics over steps beside their baselines, and the training log's curves."""
     try:
         keys = [k for k in metrics if not k.endswith(("/C", "/num_classes", "/val_top1"))]
         out = os.path.join(call.plot_dir, "eval_curves.png")
+        names = {baselines_lib.RANDOM_INIT: "random init", baselines_lib.RAW_PIXELS: "raw pixels"}
         call.add_plot(
-            plots_lib.plot_curves(history, out, keys=keys, group=True, title="evaluation")
+            plots_lib.plot_curves(
+                history,
+                out,
+                panels=plots_lib.eval_panels(keys),
+                baselines={names[kind]: base.get(kind, {}) for kind in names},
+                cols=3,
+                title=f"evaluation (latest: step {call.step})",
+            )
         )
         train_log = os.path.join(call.workdir, "metrics.jsonl")
         if os.path.exists(train_log):
             out = os.path.join(call.plot_dir, "train_curves.png")
-            call.add_plot(plots_lib.plot_curves(train_log, out, title="training"))
+            call.add_plot(plots_lib.plot_curves(train_log, out, prune=True, title="training"))
     except Exception as e:  # noqa: BLE001 - a plot must never lose the results
-        logging.warning("curves not plotted: %s", e)
+        logging.warning("curves not plotted: %s: %s", type(e).__name__, e)
 
 
-def _write_outputs(call: EvalCall, metrics: dict, base: dict, *, curves: bool = True) -> None:
+class EvalResults(dict):
+    """What run_evals returns: {"<name>/<metric>": value} for the trained model, and in
+    `skipped` {name: reason} the evaluations that could not run on their data."""
+
+    def __init__(self, metrics: Mapping[str, float] = (), skipped: Mapping[str, str] = ()):
+        super().__init__(metrics)
+        self.skipped = dict(skipped)
+
+
+def _raised_in(e: BaseException, package: str) -> bool:
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__", "").split(".")[0] == package:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def cannot_run(name: str, e: BaseException) -> str | None:
+    """Why evaluation `name` cannot run on the data it was given, when `e` says so, else None.
+
+    Two kinds of error say so: CannotEvaluateError, which evaluators raise for data that
+    cannot support them (too few records for the classes, no labels, no captions), and a
+    ValueError raised inside scikit-learn, whose checks of its input are about the data (a
+    single class, fewer samples than classes or folds). Anything else (a config error, a
+    TypeError or AttributeError of a bug) is not a reason to skip and must propagate.
+    """
+    if isinstance(e, CannotEvaluateError):
+        return str(e).removeprefix(f"evals.{name}: ")
+    if isinstance(e, ValueError) and _raised_in(e, "sklearn"):
+        return f"scikit-learn cannot fit this data: {e}"
+    return None
+
+
+def _skip(skipped: dict[str, str], name: str, kind: str, reason: str) -> None:
+    logging.warning("evals.%s (%s) skipped: %s", name, kind, reason)
+    skipped[name] = reason
+
+
+def _write_outputs(
+    call: EvalCall, metrics: dict, base: dict, skipped: dict, *, curves: bool = True
+) -> None:
     eval_dir = os.path.join(call.workdir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
     history = os.path.join(eval_dir, "history.jsonl")
@@ -191,8 +253,10 @@ def _write_outputs(call: EvalCall, metrics: dict, base: dict, *, curves: bool = 
         safe = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
         f.write(json.dumps({"step": call.step, **safe}) + "\n")
     if curves:
-        _plot_curves(call, history, metrics)
-    paths = report_lib.write_report(call.workdir, call.step, metrics, base, plots=call.plots)
+        _plot_curves(call, history, metrics, base)
+    paths = report_lib.write_report(
+        call.workdir, call.step, metrics, base, plots=call.plots, skipped=skipped
+    )
     logging.info("evaluation report: %s", paths["md"])
 
 
@@ -203,12 +267,13 @@ def run_evals(
     workdir: str,
     step: int,
     random_encoder: Encoder | Callable[[], Encoder] | None = None,
-) -> dict[str, float]:
+) -> EvalResults:
     """Runs every evaluation in `evals_cfg` (schema in the module docstring) on `encoder`,
     with baselines; writes the report and plots under `<workdir>/eval/` (process 0 only).
 
     `random_encoder` is the same architecture at random init (or a zero-argument factory for
-    it); None skips that baseline. Returns {"<name>/<metric>": value} for the trained model.
+    it); None skips that baseline. Returns {"<name>/<metric>": value} for the trained model,
+    with `.skipped` {name: reason} for the evaluations that could not run (see cannot_run).
     """
     configs = {name: normalize_config(name, cfg) for name, cfg in evals_cfg.items()}
     for name, cfg in configs.items():
@@ -219,17 +284,25 @@ def run_evals(
     random_factory = _lazy(random_encoder)
     metrics: dict[str, float] = {}
     base: dict[str, dict[str, float]] = {k: {} for k in baselines_lib.KINDS}
+    skipped: dict[str, str] = {}  # name -> why it cannot run on its data
 
     for name, cfg in configs.items():
         kind = cfg["type"]
         module = evaluator(kind)
         evaluate = module.run
         if module.NEEDS_TEXT and not has_text(encoder):
-            logging.warning("evals.%s skipped: %s needs a text tower", name, kind)
+            _skip(skipped, name, kind, "it needs a text tower, which this model has not")
             continue
         start = time.time()
-        with threadpool_limits(host_threads()):
-            result = evaluate(call, name, cfg, encoder, None, True)
+        try:
+            with threadpool_limits(host_threads()):
+                result = evaluate(call, name, cfg, encoder, None, True)
+        except ValueError as e:
+            reason = cannot_run(name, e)
+            if reason is None:
+                raise
+            _skip(skipped, name, kind, reason)
+            continue
         logging.info("evals.%s (%s): %s in %.1fs", name, kind, result, time.time() - start)
         metrics.update({f"{name}/{k}": float(v) for k, v in result.items()})
         if not cfg["baselines"]:
@@ -237,22 +310,29 @@ def run_evals(
         rows = (
             list(dict.fromkeys(k.rsplit("/", 1)[0] for k in result)) if module.PER_LAYER else None
         )
-        with threadpool_limits(host_threads()):
-            found = baselines_lib.run_baselines(
-                name,
-                cfg,
-                module,
-                lambda enc, cfg=cfg, name=name, rows=rows, fn=evaluate: fn(
-                    call, name, cfg, enc, rows, False
-                ),
-                random_factory,
-                cache,
-                raw_pixel_size=cfg["raw_pixel_size"],
-            )
+        try:
+            with threadpool_limits(host_threads()):
+                found = baselines_lib.run_baselines(
+                    name,
+                    cfg,
+                    module,
+                    lambda enc, cfg=cfg, name=name, rows=rows, fn=evaluate: fn(
+                        call, name, cfg, enc, rows, False
+                    ),
+                    random_factory,
+                    cache,
+                    raw_pixel_size=cfg["raw_pixel_size"],
+                )
+        except ValueError as e:
+            reason = cannot_run(name, e)
+            if reason is None:
+                raise
+            logging.warning("evals.%s (%s): baselines not run: %s", name, kind, reason)
+            continue
         for base_kind, values in found.items():
             base[base_kind].update({f"{name}/{k}": float(v) for k, v in values.items()})
 
     if write:
         curves = any(cfg["plots"] for cfg in configs.values())
-        _write_outputs(call, metrics, base, curves=curves)
-    return metrics
+        _write_outputs(call, metrics, base, skipped, curves=curves)
+    return EvalResults(metrics, skipped)

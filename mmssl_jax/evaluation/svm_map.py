@@ -110,7 +110,9 @@ def svm_map(
         costs[c] = svm.C
     scored = ~np.isnan(ap)
     if not scored.any():
-        raise ValueError("svm_map: no class has both positives and negatives in train and test")
+        raise context.CannotEvaluateError(
+            "svm_map: no class has both positives and negatives in train and test"
+        )
     metrics = {"mAP": float(np.mean(ap[scored])), "num_classes": float(scored.sum())}
     return SvmMapResult(metrics, ap, costs)
 

@@ -131,13 +131,16 @@ def run(call, name, cfg, encoder, rows, artifacts) -> dict[str, float]:
         from mmssl_jax.evaluation import plots
 
         cm = confusion_matrix(labels, result.predictions, len(classnames))
-        call.add_plot(
-            plots.plot_confusion_matrix(
+        context.draw(
+            call,
+            name,
+            "confusion matrix",
+            lambda: plots.plot_confusion_matrix(
                 cm,
                 classnames,
                 call.plot_path(name, "confusion"),
                 title=f"{name}: zero-shot confusion (step {call.step})",
-            )
+            ),
         )
         context.tsne(call, name, cfg, feats["emb"][keep], labels)
     return result.metrics

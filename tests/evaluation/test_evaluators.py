@@ -21,6 +21,7 @@ from sklearn.svm import LinearSVC
 
 from mmssl_jax.evaluation import (
     baselines,
+    context,
     encoder,
     knn,
     linear_probe,
@@ -516,6 +517,8 @@ def test_runner_end_to_end(fmnist_shards, tmp_path):
     assert "| fm_probe | block_1/top1 |" in md
     for p in data["plots"]:
         assert_png(os.path.join(eval_dir, p))
+        with Image.open(os.path.join(eval_dir, p)) as im:  # one screen, whatever the data
+            assert max(im.size) <= plots.MAX_SIDE_PX, (p, im.size)
     made = {os.path.basename(p) for p in data["plots"]}
     assert {"fm_zs_confusion_step_7.png", "fm_zs_tsne_step_7.png", "eval_curves.png"} <= made
     assert {"fm_probe_tsne_step_7.png", "train_curves.png"} <= made
@@ -560,3 +563,83 @@ def test_runner_errors(fmnist_shards, tmp_path):
     cfg.fm_knn.layers = ("emb", "feature")
     out = runner.run_evals(cfg, encoder.RawPixelEncoder(8), workdir=str(tmp_path), step=1)
     assert set(out) == {"fm_knn/feature/top1"}  # missing "emb" skipped, zs/ret skipped
+
+
+# ----------------------------------------------------------------------------------------
+# evaluations that cannot run on their data
+
+
+def test_linear_probe_says_when_train_is_too_small_to_choose_c():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 5)), np.arange(40) % 10  # 4 per class: sklearn stratifies
+    with pytest.raises(context.CannotEvaluateError, match=r"leaves 8 for validation.*at least"):
+        linear_probe.linear_probe(x, y, x, y)
+    out = linear_probe.linear_probe(x, y, x, y, Cs=(0.1,))  # no choice of C: no split
+    assert 0.0 <= out["top1"] <= 1.0
+    with pytest.raises(context.CannotEvaluateError, match="fewer than 2 classes"):
+        linear_probe.linear_probe(x, np.zeros(40, int), x, y, Cs=(0.1,))
+    half = linear_probe.linear_probe(x, y, x, y, Cs=(0.1, 1.0), val_fraction=0.5)  # 20 + 20
+    assert half["C"] in (0.1, 1.0)
+
+
+def test_which_errors_mean_cannot_run():
+    from sklearn.model_selection import train_test_split
+
+    with pytest.raises(ValueError) as raised:  # what the runner used to die on
+        train_test_split(
+            np.zeros((40, 2)), np.arange(40) % 10, test_size=0.2, stratify=np.arange(40) % 10
+        )
+    assert "scikit-learn" in runner.cannot_run("p", raised.value)
+    assert runner.cannot_run("p", context.CannotEvaluateError("evals.p: too few")) == "too few"
+    assert runner.cannot_run("p", ValueError("evals.p: unknown layer")) is None  # config error
+    assert runner.cannot_run("p", TypeError("a bug")) is None
+
+
+def test_an_evaluation_that_cannot_run_on_its_data_is_skipped(fmnist_shards, tmp_path, caplog):
+    root = fmnist_shards
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    images, labels = read_idx("train", 60)
+    train = [int(np.flatnonzero(labels == c)[0]) for c in range(10)] + [40, 41]  # 12, 10 classes
+    test = [i for i in range(60) if i not in train]
+    write_shard(str(tiny / "train-00000-of-00001.tfrecord"), images[train], labels[train])
+    write_shard(str(tiny / "test-00000-of-00001.tfrecord"), images[test], labels[test])
+    cfg = evals_config(root)
+    del cfg["fm_ret"], cfg["fm_svm"], cfg["fm_probe"]
+    cfg.tiny_probe = dict(cfg.fm_knn.to_dict(), type="linear_probe")
+    cfg.tiny_probe.train_shards = f"{tiny}/train-*.tfrecord"
+    cfg.tiny_probe.test_shards = f"{tiny}/test-*.tfrecord"
+    runner.clear_cache()
+    workdir = tmp_path / "work"
+    with caplog.at_level("WARNING"):
+        metrics = runner.run_evals(
+            cfg,
+            FakeEncoder(None),
+            workdir=str(workdir),
+            step=5,
+            random_encoder=FakeEncoder(None, 5),
+        )
+    # the probe is skipped, with the reason; the other evaluations ran
+    assert not any(k.startswith("tiny_probe/") for k in metrics)
+    assert {"fm_zs/top1", "fm_knn/emb/top1"} <= set(metrics)
+    reason = metrics.skipped["tiny_probe"]
+    assert "12 labelled train records are too few to choose C" in reason
+    assert any(
+        "evals.tiny_probe (linear_probe) skipped: 12 labelled" in r.message for r in caplog.records
+    )
+    data = json.load(open(workdir / "eval" / "latest.json"))
+    assert data["skipped"] == {"tiny_probe": reason}
+    md = open(workdir / "eval" / "latest.md").read()
+    assert f"| tiny_probe | skipped: {reason} | - | - | - |" in md
+    assert "| fm_knn | emb/top1 |" in md
+
+
+def test_a_bug_in_an_evaluation_still_stops_the_run(fmnist_shards, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise AttributeError("'NoneType' object has no attribute 'shape'")
+
+    monkeypatch.setattr(knn, "knn_accuracy", broken)
+    cfg = evals_config(fmnist_shards, baselines=False, plots=False)
+    del cfg["fm_ret"], cfg["fm_svm"], cfg["fm_probe"], cfg["fm_zs"]
+    with pytest.raises(AttributeError, match="no attribute"):
+        runner.run_evals(cfg, FakeEncoder(None), workdir=str(tmp_path), step=1)
