@@ -146,7 +146,7 @@ def main(argv: list[str]) -> None:
             return  # preempted: the checkpoint is written; evaluate after the resumed run
         results = evaluate(trainer.state, int(jax.device_get(trainer.state.step)))
     report = os.path.join(workdir, "eval", "latest.md")
-    if jax.process_index() == 0 and results and os.path.exists(report):
+    if jax.process_index() == 0 and config.get("evals") and os.path.exists(report):
         with open(report) as f:  # the side-by-side table: trained, random init, raw pixels
             print(f.read().rstrip() + f"\n\n(written to {report})")
 
