@@ -127,7 +127,7 @@ def main(argv: list[str]) -> None:
             json.dump(config.to_dict(), f, indent=2, default=str)
     logging.info("devices: %s", jax.devices())
     if FLAGS.mode == "eval":  # the checkpoint and the evaluation data only
-        results = hook.evaluate_checkpoint(config, workdir)
+        hook.evaluate_checkpoint(config, workdir)
     else:
         try:
             trainer = Trainer(config, workdir)
@@ -144,7 +144,7 @@ def main(argv: list[str]) -> None:
         trainer.run(evaluate=evaluate)
         if getattr(trainer, "stopped_early", False):
             return  # preempted: the checkpoint is written; evaluate after the resumed run
-        results = evaluate(trainer.state, int(jax.device_get(trainer.state.step)))
+        evaluate(trainer.state, int(jax.device_get(trainer.state.step)))
     report = os.path.join(workdir, "eval", "latest.md")
     if jax.process_index() == 0 and config.get("evals") and os.path.exists(report):
         with open(report) as f:  # the side-by-side table: trained, random init, raw pixels
