@@ -54,7 +54,9 @@ def test_locked_bert_tower_learns_and_exports(embedded_data, tmp_path):
     chance = 10 / 256
     assert trained > max(2.5 * random_init, 2.5 * chance), (trained, random_init)
 
-    export = export_checkpoint(str(workdir), str(tmp_path / "export"), stablehlo=False)
+    export = export_checkpoint(
+        str(workdir), str(tmp_path / "export"), config=config, stablehlo=False
+    )
     manifest = json.load(open(tmp_path / "export" / "manifest.json"))
     assert "tokenizer.json" in manifest["files"] and manifest["files"]["tokenizer.json"]["sha256"]
     model = load_pretrained(export)
