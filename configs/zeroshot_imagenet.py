@@ -25,14 +25,9 @@ import json
 import os
 
 from configs.common import DATA_ROOT, parse_arg, recipe
+from input_pipeline import templates
 
-CLASSNAMES_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    "mmssl_jax",
-    "evaluation",
-    "templates",
-    "classnames",
-)
+CLASSNAMES_DIR = os.path.join(os.path.dirname(templates.__file__), "templates", "classnames")
 IMAGENET_CLASSNAMES = os.path.join(CLASSNAMES_DIR, "imagenet1k.json")
 IMAGENET_WNIDS = os.path.join(CLASSNAMES_DIR, "imagenet1k_wnids.json")
 

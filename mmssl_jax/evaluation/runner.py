@@ -25,7 +25,7 @@ metrics) to a ConfigDict:
                       default the PREFIX-groups.json beside the class names, when there)
 
     zero_shot      shards (glob of labelled shards), classnames, templates (a set in
-                   evaluation/templates/ or a .json path; default "simple")
+                   input_pipeline/templates/ or a .json path; default "simple")
                    -> top1, top5, mean_per_class
     linear_probe   train_shards, test_shards, train_limit / test_limit (override limit),
                    layers (default ("emb", "feature"); "blocks" = every block_i the encoder

@@ -35,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from mmssl_jax.training.checkpoint import CHECKSUMS_DIR
 from tests.faults import fault_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,11 +58,12 @@ CHAIN = [
 
 
 def _listing(workdir: Path) -> dict[str, bool]:
-    """Entries of workdir/checkpoints -> whether each holds orbax's commit marker."""
+    """Entries of workdir/checkpoints -> whether each holds orbax's commit marker (the
+    checksum manifests' folder is ours, not a step)."""
     directory = workdir / "checkpoints"
     if not directory.exists():
         return {}
-    return {p.name: (p / COMMIT).exists() for p in directory.iterdir()}
+    return {p.name: (p / COMMIT).exists() for p in directory.iterdir() if p.name != CHECKSUMS_DIR}
 
 
 def _published(listing: dict[str, bool]) -> list[int]:

@@ -77,7 +77,7 @@ def test_unknown_names_and_fields_raise():
     with pytest.raises(ValueError, match="vit_s16"):
         registry.get_image_encoder("vit_huge")
     with pytest.raises(ValueError, match="clip_text"):
-        registry.get_text_encoder("bert", 100)
+        registry.get_text_encoder("roberta", 100)
     with pytest.raises(ValueError, match="no fields"):
         registry.get_image_encoder("vit_tiny", widht=3)
 

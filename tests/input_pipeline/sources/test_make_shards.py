@@ -225,7 +225,7 @@ def test_all_inputs_bad_exits_nonzero_and_writes_no_shards(tmp_path):
     root = _all_bad_folder(tmp_path)
     out = tmp_path / "out"
     prefix = str(out / "bad")
-    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "make_shards.py")
+    script = str(Path(__file__).resolve().parents[3] / "tools" / "make_shards.py")
     result = subprocess.run(
         [sys.executable, script, "folder", "--images_dir", root, "--output", prefix, "--quiet"],
         capture_output=True,
