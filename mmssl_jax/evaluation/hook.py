@@ -7,6 +7,7 @@ only the checkpoint's model variables and the evaluation data, never the trainin
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -49,8 +50,11 @@ def make_evaluate(
             model, variables, tokenizer, text_length=length, with_blocks=blocks, mesh=mesh
         )
 
-    def random_encoder() -> ModelEncoder:  # the trainer's init with seed + 1
-        return encoder(jax.device_get(init_variables(model, size, length, config.seed + 1)))
+    def random_encoder() -> ModelEncoder:
+        # The trainer's init with seed + 1, jitted as the trainer's is: eager init differs
+        # from it in the last bit of some kernels.
+        init = jax.jit(functools.partial(init_variables, model, size, length))
+        return encoder(jax.device_get(init(config.seed + 1)))
 
     def evaluate(state: Any, step: int) -> dict[str, float]:
         if not config.get("evals"):
