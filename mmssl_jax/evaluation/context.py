@@ -26,6 +26,11 @@ BUILD_HINT = (
     "datasets with `python tools/make_shards.py folder|tfds ...` (see the README)."
 )
 
+# The keys of every evaluator that fits on a train split and scores a test split
+# (train_limit / test_limit override `limit` per split).
+TRAIN_TEST = dict(train_shards=None, test_shards=None, train_limit=None, test_limit=None)
+TRAIN_TEST_SPLITS = ("train_shards", "test_shards")
+
 COMMON = dict(
     type=None,
     image_size=224,

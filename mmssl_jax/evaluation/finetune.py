@@ -350,10 +350,7 @@ def finetune(
 # ---- the evaluator entry (type "finetune", found by name: see runner.py) ----
 
 DEFAULTS = dict(
-    train_shards=None,
-    test_shards=None,
-    train_limit=None,
-    test_limit=None,
+    **context.TRAIN_TEST,
     epochs=5.0,
     lr=1e-3,
     weight_decay=0.05,
@@ -361,7 +358,7 @@ DEFAULTS = dict(
     warmup_epochs=1.0,
     crop_scale=(0.08, 1.0),
 )
-SPLITS = ("train_shards", "test_shards")  # the shard keys it reads
+SPLITS = context.TRAIN_TEST_SPLITS  # the shard keys it reads
 NEEDS_TEXT = False  # skipped (with a warning) for an encoder without a text tower
 RAW_PIXELS = False  # whether the raw-pixel baseline applies
 TSNE = False  # t-SNE map by default

@@ -62,15 +62,12 @@ def knn_accuracy(
 # ---- the evaluator entry (type "knn", found by name: see runner.py) ----
 
 DEFAULTS = dict(
-    train_shards=None,
-    test_shards=None,
-    train_limit=None,
-    test_limit=None,
+    **context.TRAIN_TEST,
     layers=("emb", "feature"),
     k=20,
     temperature=0.07,
 )
-SPLITS = ("train_shards", "test_shards")  # the shard keys it reads
+SPLITS = context.TRAIN_TEST_SPLITS  # the shard keys it reads
 NEEDS_TEXT = False  # skipped (with a warning) for an encoder without a text tower
 RAW_PIXELS = True  # whether the raw-pixel baseline applies
 TSNE = False  # t-SNE map by default

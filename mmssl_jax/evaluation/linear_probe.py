@@ -135,16 +135,13 @@ def linear_probe(
 # ---- the evaluator entry (type "linear_probe", found by name: see runner.py) ----
 
 DEFAULTS = dict(
-    train_shards=None,
-    test_shards=None,
-    train_limit=None,
-    test_limit=None,
+    **context.TRAIN_TEST,
     layers=("emb", "feature"),
     Cs=DEFAULT_CS,
     val_fraction=0.2,
     max_iter=1000,
 )
-SPLITS = ("train_shards", "test_shards")  # the shard keys it reads
+SPLITS = context.TRAIN_TEST_SPLITS  # the shard keys it reads
 NEEDS_TEXT = False  # skipped (with a warning) for an encoder without a text tower
 RAW_PIXELS = True  # whether the raw-pixel baseline applies
 TSNE = True  # t-SNE map by default

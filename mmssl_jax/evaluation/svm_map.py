@@ -120,16 +120,13 @@ def svm_map(
 # ---- the evaluator entry (type "svm_map", found by name: see runner.py) ----
 
 DEFAULTS = dict(
-    train_shards=None,
-    test_shards=None,
-    train_limit=None,
-    test_limit=None,
+    **context.TRAIN_TEST,
     layers=("emb", "feature"),
     Cs=DEFAULT_CS,
     folds=3,
     max_iter=2000,
 )
-SPLITS = ("train_shards", "test_shards")  # the shard keys it reads
+SPLITS = context.TRAIN_TEST_SPLITS  # the shard keys it reads
 NEEDS_TEXT = False  # skipped (with a warning) for an encoder without a text tower
 RAW_PIXELS = True  # whether the raw-pixel baseline applies
 TSNE = False  # t-SNE map by default
