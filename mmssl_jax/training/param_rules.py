@@ -227,6 +227,16 @@ def labels_fn(rules: Rules) -> Any:
     )
 
 
+def frozen_params(cfg: Mapping[str, Any]) -> Any:
+    """params -> tree of bools (True: frozen by `cfg.freeze`), or None when nothing is
+    frozen; the train step stops gradients there (training/step.without_frozen_grads)."""
+    rules = Rules.from_config(cfg)
+    if not rules.any_frozen():
+        return None
+    labels = labels_fn(rules)
+    return lambda tree: jax.tree.map(lambda label: label == "frozen", labels(tree))
+
+
 def lr_mult_fn(rules: Rules) -> Any:
     """params -> tree of python-float lr multipliers (lr_mults x layer decay)."""
 

@@ -72,6 +72,23 @@ def _select(ok: jax.Array, new: Any, old: Any) -> Any:
 
 # (params, batch_stats, batch, key, ema) -> (loss, (metrics, new batch_stats))
 LossFn = Callable[..., tuple[jax.Array, tuple[dict[str, jax.Array], Any]]]
+# params -> the same tree of bools, True where the parameter is frozen
+FrozenFn = Callable[[Any], Any]
+
+
+def without_frozen_grads(loss_fn: LossFn, frozen: FrozenFn | None) -> LossFn:
+    """`loss_fn` with `stop_gradient` on the frozen parameters, so autodiff drops every
+    backward op that only feeds them: a locked tower (LiT) runs its forward alone. Their
+    gradients come back as zeros, which the optimizer's frozen branch ignores anyway."""
+    if frozen is None:
+        return loss_fn
+
+    def wrapped(params, *args, **kwargs):
+        mask = frozen(params)
+        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, mask)
+        return loss_fn(params, *args, **kwargs)
+
+    return wrapped
 
 
 def make_train_step(
@@ -83,13 +100,15 @@ def make_train_step(
     grad_accum: int = 1,
     schedule: optax.Schedule | None = None,
     momentum_schedule: optax.Schedule | None = None,
+    frozen: FrozenFn | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """The pure `train_step(state, batch) -> (state, metrics)` of the objective terms `specs`
     (not yet jitted): `make_step` over `objective_loss`.
 
-    `momentum_schedule` (step -> m) drives the EMA of `state.ema_params` when it is set."""
+    `momentum_schedule` (step -> m) drives the EMA of `state.ema_params` when it is set;
+    `frozen` (params -> tree of bools) names the parameters whose gradient is not needed."""
     loss_fn = objective_loss(model, specs, mesh, aug_cfg)
-    return make_step(tx, loss_fn, grad_accum, schedule, momentum_schedule)
+    return make_step(tx, loss_fn, grad_accum, schedule, momentum_schedule, frozen)
 
 
 def objective_loss(
@@ -134,11 +153,13 @@ def make_step(
     grad_accum: int = 1,
     schedule: optax.Schedule | None = None,
     momentum_schedule: optax.Schedule | None = None,
+    frozen: FrozenFn | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """The pure step of any `loss_fn` over a TrainState: gradients (accumulated over
-    `grad_accum` microbatches), the optimizer, the logit-scale clamp, the skip of a
-    non-finite update, the counters and the metrics. Pretraining and fine-tuning share it."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    `grad_accum` microbatches; none through `frozen` parameters), the optimizer, the
+    logit-scale clamp, the skip of a non-finite update, the counters and the metrics.
+    Pretraining and fine-tuning share it."""
+    grad_fn = jax.value_and_grad(without_frozen_grads(loss_fn, frozen), has_aux=True)
 
     def accumulate(params, batch_stats, batch, key, ema):
         if grad_accum == 1:

@@ -29,6 +29,7 @@ from mmssl_jax.models.registry import build_model
 from mmssl_jax.objectives import outputs as outputs_lib
 from mmssl_jax.parallel import mesh as parallel
 from mmssl_jax.training import momentum, optim
+from mmssl_jax.training.param_rules import frozen_params
 from mmssl_jax.training.state import (
     TrainState,
     init_state,
@@ -136,6 +137,7 @@ class Trainer:
             config.train.grad_accum,
             self.schedule,
             self.momentum_schedule if self.use_ema else None,
+            frozen_params(config.optim),
         )
         self.train_step = jax.jit(
             step,
