@@ -34,7 +34,7 @@ RECIPES = {
     "slip_mocov3": dict(objectives=[("clip", 1.0), ("mocov3", 1.0)], lr=3e-3, weight_decay=0.1),
 }
 
-TEXT_MODELS = ("lda", "lsa", "word2vec")  # tools/fit_topics.py --kind
+TEXT_MODELS = ("lda", "lsa", "word2vec", "bert")  # tools/fit_topics.py --kind
 
 # Image tower name in mmssl_jax.models.registry for each size; the text tower is CLIP's.
 SIZES = {

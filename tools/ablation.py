@@ -8,8 +8,9 @@ classes) and on the emoji subgroups (99 classes, held-out emoji):
 
 - encoder table: the image feature learns to match a text embedding of its caption with the
   same InfoNCE loss (topic_contrastive), the text embedding being LDA topics, LSA (TF-IDF +
-  SVD), mean word2vec vectors (if gensim is installed), or a transformer learned jointly
-  (CLIP, tiny_clip);
+  SVD), mean word2vec vectors (if gensim is installed), the sentence embedding of the
+  pretrained all-MiniLM-L6-v2 (bert, 384 dims, if installed), or a transformer learned
+  jointly (CLIP, tiny_clip);
 - loss table: LDA topics (K=40) with MSE, softmax, BCE, triplet and contrastive losses.
 
 Beside them, the evaluator's two baselines on the same probes: raw pixels and the same
@@ -45,10 +46,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def kind_dim(kind: str, dim: int) -> int:
+    """The target size of text model `kind`: `dim`, or a BERT encoder's hidden size."""
+    if kind != "bert":
+        return dim
+    from mmssl_jax.models import bert
+
+    return bert.read_bert_config(bert.find_bert_dir("all-minilm-l6-v2"))["hidden"]
+
+
+def has_bert() -> bool:
+    from mmssl_jax.models import bert
+
+    try:
+        bert.find_bert_dir("all-minilm-l6-v2")
+    except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
+        print(f"all-MiniLM-L6-v2 is not installed ({e}): no bert row", file=sys.stderr)
+        return False
+    return True
+
+
 def ensure_topics(data: str, kind: str, dim: int) -> str:
     """Topic shards of the emoji set for text model `kind` (fitted if not there yet)."""
     from input_pipeline.sources import topics
 
+    dim = kind_dim(kind, dim)
     out = os.path.join(data, f"topics_{kind}", "emoji")
     model_json = os.path.join(out, topics.MODEL_JSON)
     if os.path.exists(model_json):
@@ -109,6 +131,9 @@ def cells(args: argparse.Namespace) -> list[tuple[str, str, str, list, str]]:
         print("gensim is not installed: no word2vec row", file=sys.stderr)
     for kind in encoders:
         out.append(("encoder", kind, "tiny_topics", [("topic_contrastive", 1.0)], kind))
+    if has_bert():
+        row = "bert (MiniLM)"
+        out.append(("encoder", row, "tiny_topics", [("topic_contrastive", 1.0)], "bert"))
     out.append(("encoder", "transformer (CLIP)", "tiny_clip", [("clip", 1.0)], ""))
     for loss in LOSSES:
         out.append(("loss", loss, "tiny_topics", [(f"topic_{loss}", 1.0)], "lda"))
@@ -119,7 +144,8 @@ def run_cell(args, table, row, module, objectives, kind, baselines=True) -> dict
     from mmssl_jax.evaluation import hook as evaluation_hook
     from mmssl_jax.training.trainer import Trainer
 
-    arg = f"data={args.data}" + (f",topics={kind},topic_dim={args.dim}" if kind else "")
+    dim = kind_dim(kind, args.dim) if kind else 0
+    arg = f"data={args.data}" + (f",topics={kind},topic_dim={dim}" if kind else "")
     config = importlib.import_module(f"configs.{module}").get_config(arg)
     config.objectives = objectives
     config.train.update(

@@ -9,7 +9,10 @@ the same order, plus .idx) with each record's `topics` feature set to the vector
 captions; the JSON sidecars of the input folders (class names, stats) are copied along. The
 fitted model goes to --output_dir/text_model.{json,npz} (no pickle; see
 input_pipeline/sources/topics.py). Kinds: lda (topic distributions, sum to 1), lsa (TF-IDF +
-truncated SVD, L2-normalised), word2vec (mean skip-gram word vector; needs gensim).
+truncated SVD, L2-normalised), word2vec (mean skip-gram word vector; needs gensim), bert
+(the sentence embedding of the record's document by a pretrained BERT-family encoder on disk,
+--bert all-minilm-l6-v2 by default: nothing is fitted, the vectors are the encoder's; --dim
+is its hidden size).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fit", action="append", required=True, help="shard glob(s) to fit on")
     p.add_argument("--apply", action="append", default=[], help="more shard glob(s) to label")
     p.add_argument("--output_dir", required=True, help="where shards and the model go")
-    p.add_argument("--kind", choices=topics.KINDS, default="lda", help="text model")
+    p.add_argument("--kind", choices=(*topics.KINDS, "bert"), default="lda", help="text model")
+    p.add_argument("--bert", default="all-minilm-l6-v2", help="BERT directory or name (bert)")
+    p.add_argument("--bert_length", type=int, default=64, help="WordPiece tokens kept (bert)")
     p.add_argument("--dim", type=int, default=40, help="topics (LDA) or dimensions")
     p.add_argument("--seed", type=int, default=0, help="random seed of the fit")
     p.add_argument("--min_df", type=int, default=2, help="drop words in fewer documents")
@@ -55,6 +60,21 @@ def _copy_sidecars(paths: list[str], output_dir: str) -> None:
                 shutil.copyfile(side, target)
 
 
+def bert_text_model(name_or_path: str, length: int):
+    """(a TextModel record of the encoder, docs -> [n, hidden] vectors) for kind "bert"."""
+    from mmssl_jax.models import bert
+
+    directory = bert.find_bert_dir(name_or_path)
+    hidden = bert.read_bert_config(directory)["hidden"]
+    options = {"dim": hidden, "model": str(name_or_path), "length": length}
+    model = topics.TextModel("bert", options, [], {})
+
+    def vectors_for(docs: list[str]):
+        return bert.embed_sentences(docs, directory, length=length)
+
+    return model, vectors_for
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -65,19 +85,23 @@ def main(argv: list[str] | None = None) -> dict:
     fit_paths = topics.expand(args.fit)
     docs = [topics.record_text(ex, classnames) for _, ex in topics.iter_examples(fit_paths)]
     empty = sum(not d for d in docs)
-    model = topics.fit_text_model(
-        docs,
-        args.kind,
-        dim=args.dim,
-        seed=args.seed,
-        min_df=args.min_df,
-        max_df=args.max_df,
-        max_iter=args.max_iter,
-    )
+    if args.kind == "bert":
+        model, vectors_for = bert_text_model(args.bert, args.bert_length)
+    else:
+        model = topics.fit_text_model(
+            docs,
+            args.kind,
+            dim=args.dim,
+            seed=args.seed,
+            min_df=args.min_df,
+            max_df=args.max_df,
+            max_iter=args.max_iter,
+        )
+        vectors_for = model.transform
     model.save(args.output_dir)
     paths = topics.expand(args.fit + args.apply)
     written = topics.write_with_topics(
-        paths, args.output_dir, model.transform, classnames=classnames
+        paths, args.output_dir, vectors_for, classnames=classnames, batch=4096
     )
     _copy_sidecars(paths, args.output_dir)
     summary = {

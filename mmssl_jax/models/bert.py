@@ -592,3 +592,32 @@ def _extract_once(zip_path: Path, target: Path) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return _model_root(target)
+
+
+def embed_sentences(
+    texts: list[str],
+    name_or_path: str | os.PathLike = "all-minilm-l6-v2",
+    *,
+    length: int = 32,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """float32 [N, hidden] L2-normalised sentence embeddings of `texts` by a BERT checkpoint on
+    disk, as sentence-transformers computes them (WordPiece ids cut at `length` tokens, the
+    checkpoint's pooling, then L2). For fixed text targets (topic vectors, baselines); the
+    batch is padded to `batch_size` rows so one compiled function serves every batch."""
+    from input_pipeline.tokenizers.wordpiece import WordPieceTokenizer
+
+    directory = find_bert_dir(name_or_path)
+    fields = read_bert_config(directory)
+    fields["context_length"] = min(length, fields["max_positions"])
+    model = BertEncoder(**fields)
+    params = load_bert_params(directory)
+    tokenizer = WordPieceTokenizer(directory / "tokenizer.json")
+    apply = jax.jit(lambda p, t: model.apply({"params": p}, t)["feature"])
+    out = np.zeros((len(texts), fields["hidden"]), np.float32)
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start : start + batch_size])
+        tokens = tokenizer.encode(chunk + [""] * (batch_size - len(chunk)), length)
+        out[start : start + len(chunk)] = np.asarray(apply(params, tokens))[: len(chunk)]
+    norm = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.where(norm > 0, norm, 1.0)

@@ -1,0 +1,267 @@
+"""The SLIP paper's comparison on the embedded data: CLIP, SimCLR and SLIP (and UniCL vs
+CLIP with the Fashion-MNIST image-label data, and a pretrained text tower vs one trained
+from scratch), the same tiny image tower and budget, several seeds each.
+
+    python tools/reproduce.py --data data --output reproduce --seeds 0,1,2
+
+Every cell (method x seed) is one workdir, OUTPUT/runs/METHOD_sSEED, trained by the
+project's Trainer at that method's own recipe (configs/tiny_METHOD.py: its lr, weight decay,
+objectives) and evaluated by its config.evals; the cell's numbers go to
+OUTPUT/runs/METHOD_sSEED/cell.json. A cell with a cell.json is not run again and a cell
+stopped half-way resumes from its checkpoint, so a long comparison survives a stop: run the
+same command again. A progress bar counts cells, with the rate of the cells run so far.
+
+Writes OUTPUT/reproduce.json (every cell, and mean/std per method), OUTPUT/reproduce.md (the
+table, mean +- std over seeds, with the baselines: raw pixels, random init) and
+OUTPUT/reproduce.png (one panel per column, a bar per method with its seeds' spread, the
+baselines drawn as lines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+if __package__ in (None, ""):  # Run as a script: make the repository root importable.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# method -> (config module, config arg beyond data=..., what it is)
+METHODS: dict[str, tuple[str, str, str]] = {
+    "clip": ("tiny_clip", "", "CLIP, text transformer from scratch"),
+    "simclr": ("tiny_simclr", "", "SimCLR, images only"),
+    "slip": ("tiny_slip", "", "SLIP = CLIP + SimCLR"),
+    "unicl": ("tiny_unicl", "fashion=0.5", "UniCL: CLIP + Fashion-MNIST labels as prompts"),
+    "clip_bert": ("tiny_clip", "text=bert,text_lock=true", "CLIP, pretrained MiniLM locked"),
+}
+DEFAULT_METHODS = ("clip", "simclr", "slip", "unicl", "clip_bert")
+CELL_FILE = "cell.json"
+BASELINES = ("raw_pixels", "random_init")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", default="data", help="root of the embedded data")
+    p.add_argument("--output", default="reproduce", help="output folder")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (>= 3 for a spread)")
+    p.add_argument("--steps", type=int, default=-1, help="> 0: steps per cell (same for all)")
+    p.add_argument("--batch_size", type=int, default=-1, help="> 0: batch size of every cell")
+    p.add_argument("--override", action="append", default=[], help="key=value for every cell")
+    return p.parse_args(argv)
+
+
+def cell_config(args: argparse.Namespace, method: str, seed: int):
+    """The config of one cell: the method's tiny recipe, `seed` for init and data order."""
+    module, extra, _ = METHODS[method]
+    arg = ",".join(filter(None, [f"data={args.data}", extra]))
+    config = importlib.import_module(f"configs.{module}").get_config(arg)
+    config.seed = seed
+    config.data.seed = seed
+    config.train.progress = False
+    if args.steps > 0:
+        config.train.total_steps = args.steps
+    if args.batch_size > 0:
+        config.train.batch_size = args.batch_size
+    for item in args.override:
+        key, _, value = item.partition("=")
+        set_path(config, key, value)
+    return config
+
+
+def set_path(config, key: str, value: str) -> None:
+    """`config.a.b = value`, the value parsed as a Python literal where it is one."""
+    import ast
+
+    *parents, last = key.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    try:
+        node[last] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        node[last] = value
+
+
+def run_cell(args: argparse.Namespace, method: str, seed: int) -> dict:
+    """Trains (or resumes) and evaluates one cell; returns and writes its cell.json."""
+    from mmssl_jax.evaluation import hook
+    from mmssl_jax.training.trainer import Trainer
+
+    workdir = os.path.join(args.output, "runs", f"{method}_s{seed}")
+    done = os.path.join(workdir, CELL_FILE)
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
+    config = cell_config(args, method, seed)
+    start = time.perf_counter()
+    trainer = Trainer(config, workdir)
+    trainer.run()
+    train_s = time.perf_counter() - start
+    metrics = hook.evaluate_latest(trainer)
+    with open(os.path.join(workdir, "eval", "latest.json")) as f:
+        report = json.load(f)
+    cell = {
+        "method": method,
+        "seed": seed,
+        "steps": int(config.train.total_steps) if config.train.total_steps > 0 else None,
+        "train_s": round(train_s, 1),
+        "total_s": round(time.perf_counter() - start, 1),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "baselines": {
+            kind: {k: float(v) for k, v in report.get("baselines", {}).get(kind, {}).items()}
+            for kind in BASELINES
+        },
+    }
+    tmp = done + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(cell, f, indent=1)
+    os.replace(tmp, done)
+    return cell
+
+
+def columns(cells: Sequence[dict]) -> list[str]:
+    """The metric names to tabulate: the headline ones (top-1, R@1, R@10, accuracy) present
+    in any cell, in a stable order."""
+    names = sorted({k for c in cells for k in c["metrics"]})
+    keep = ("top1", "R@1", "R@10", "accuracy", "acc")
+    return [n for n in names if n.rsplit("/", 1)[-1] in keep or n.endswith("_R@1")]
+
+
+def summarize(cells: Sequence[dict]) -> dict:
+    """{method: {metric: {"mean", "std", "n"}}} over the seeds (std with ddof=1)."""
+    import numpy as np
+
+    out: dict[str, dict] = {}
+    for method in dict.fromkeys(c["method"] for c in cells):
+        rows = [c for c in cells if c["method"] == method]
+        stats = {}
+        for name in columns(cells):
+            values = [c["metrics"][name] for c in rows if name in c["metrics"]]
+            if values:
+                v = np.asarray(values, np.float64)
+                std = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+                stats[name] = {"mean": float(v.mean()), "std": std, "n": len(v)}
+        out[method] = stats
+    return out
+
+
+def baseline_values(cells: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """{kind: {metric: value}} from the first cell that has each (baselines do not depend on
+    the method's training, only on the architecture and the evaluation)."""
+    out: dict[str, dict[str, float]] = {kind: {} for kind in BASELINES}
+    for c in cells:
+        for kind in BASELINES:
+            for k, v in c["baselines"].get(kind, {}).items():
+                out[kind].setdefault(k, v)
+    return out
+
+
+def write_outputs(args: argparse.Namespace, cells: list[dict], command: str) -> None:
+    summary = summarize(cells)
+    base = baseline_values(cells)
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "reproduce.json"), "w") as f:
+        json.dump(
+            {"command": command, "cells": cells, "summary": summary, "baselines": base}, f, indent=1
+        )
+    names = columns(cells)
+    pct = lambda m: f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f}"  # noqa: E731
+    lines = [
+        "# SLIP's comparison on the embedded data",
+        "",
+        f"Command: `{command}`  ",
+        f"{len(cells)} cells; seeds per method: "
+        + ", ".join(f"{m} {len([c for c in cells if c['method'] == m])}" for m in summary)
+        + ". Mean ± std over seeds, in %.",
+        "",
+        "| method | " + " | ".join(names) + " | train min |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for method, stats in summary.items():
+        minutes = [c["train_s"] / 60 for c in cells if c["method"] == method]
+        row = [pct(stats[n]) if n in stats else "-" for n in names]
+        lines.append(
+            f"| {method} ({METHODS[method][2]}) | "
+            + " | ".join(row)
+            + f" | {sum(minutes) / len(minutes):.1f} |"
+        )
+    for kind in BASELINES:
+        row = [f"{100 * base[kind][n]:.1f}" if n in base[kind] else "-" for n in names]
+        lines.append(f"| *{kind.replace('_', ' ')}* | " + " | ".join(row) + " | |")
+    with open(os.path.join(args.output, "reproduce.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot(summary, base, names, os.path.join(args.output, "reproduce.png"))
+
+
+def plot(summary: dict, base: dict, names: list[str], path: str) -> None:
+    """One panel per metric: a bar per method (mean, error bar = std over seeds), the
+    baselines as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not names:
+        return
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    methods = list(summary)
+    for ax, name in zip(axes.flat, names, strict=False):
+        means = [100 * summary[m].get(name, {}).get("mean", np.nan) for m in methods]
+        stds = [100 * summary[m].get(name, {}).get("std", 0.0) for m in methods]
+        x = np.arange(len(methods))
+        ax.bar(x, means, yerr=np.nan_to_num(stds), capsize=3, color="tab:blue")
+        for kind, style in zip(BASELINES, ("--", ":"), strict=True):
+            if name in base[kind]:
+                ax.axhline(
+                    100 * base[kind][name], color="gray", ls=style, label=kind.replace("_", " ")
+                )
+        ax.set_xticks(x, methods, rotation=30, ha="right")
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel("%")
+        if any(name in base[k] for k in BASELINES):
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    command = "python tools/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; valid: {sorted(METHODS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    todo = [(m, s) for m in methods for s in seeds]
+    finished = {
+        cell: os.path.exists(os.path.join(args.output, "runs", f"{cell[0]}_s{cell[1]}", CELL_FILE))
+        for cell in todo
+    }
+    cells = []
+    # The bar starts at the cells already done, so its rate and ETA are those of cells run.
+    with tqdm(total=len(todo), initial=sum(finished.values()), desc="cells", unit="cell") as bar:
+        for method, seed in todo:
+            bar.set_postfix_str(f"{method} seed {seed}")
+            cells.append(run_cell(args, method, seed))
+            write_outputs(args, cells, command)
+            if not finished[(method, seed)]:
+                bar.update(1)
+    print(open(os.path.join(args.output, "reproduce.md")).read())
+    return cells
+
+
+if __name__ == "__main__":
+    main()
