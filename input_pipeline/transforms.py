@@ -8,7 +8,7 @@ Everything here runs per record in the grain workers, so it is built for speed:
 - `multi_crop` decodes once and cuts several views (SLIP: one CLIP crop and two SSL crops);
 - resampling (`resampler=`) is OpenCV when `opencv-python-headless` is installed, else
   Pillow. Pillow: one antialiased bilinear `Image.resize(size, box=...)` per view. OpenCV
-  (about 4x faster per view on one core, tools/benchmarks/input.py): bilinear
+  (2-4x faster per view on one core; tools/benchmarks/input.py measures it): bilinear
   `cv2.resize` of the crop; when shrinking by f > 1 a Gaussian prefilter of variance
   (f^2 - 1) / 6 first, so the total kernel has the variance of Pillow's antialiasing
   triangle (f^2 / 6). Mean abs difference to Pillow: well under one grey level.
@@ -18,8 +18,9 @@ Outputs are uint8 RGB; photometric augmentation and float conversion happen on t
 (grain gives one per record), so a record's crops are reproducible.
 
 The crop sampling follows torchvision's RandomResizedCrop (10 tries, then a centre crop
-clipped to the aspect-ratio range); resizing is Pillow's antialiased bilinear filter, as
-torchvision uses on PIL images. EXIF orientation is not applied (torchvision does not either).
+clipped to the aspect-ratio range); resizing is antialiased bilinear (Pillow's filter, as
+torchvision uses on PIL images, or its OpenCV match above). EXIF orientation is not applied
+(torchvision does not either).
 """
 
 from __future__ import annotations
