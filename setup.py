@@ -45,6 +45,9 @@ EXTRAS = {
     # gensim: word2vec document vectors for text-topic targets (tools/fit_topics.py); LDA and
     # TF-IDF/LSA come from scikit-learn. A trained skip-gram is not worth hand-writing.
     "topics": ["gensim>=4.4,<5"],
+    # opencv-python-headless: the host crop-resize (input_pipeline/transforms.py) is ~1.7x
+    # faster per sample than Pillow's (tools/benchmarks/input.py); Pillow is the fallback.
+    "opencv": ["opencv-python-headless>=4.8,<6"],
     "dev": [
         "pytest>=8,<10",
         "ruff>=0.6",

@@ -175,9 +175,18 @@ def _md_input(r: dict) -> list[str]:
     rates = r.get("samples_per_cpu_s", {})
     rows = [[k, v] for k, v in rates.items()]
     lines = _table(["pipeline", "samples / CPU s"], rows)
-    for key in ("speedup_vs_slip_per_view_decode", "speedup_vs_slip_decode_once"):
+    keys = (
+        "speedup_vs_slip_per_view_decode",
+        "speedup_vs_slip_decode_once",
+        "pillow_path_speedup_vs_slip_per_view_decode",
+        "speedup_vs_ours_pillow",
+        "fraction_of_decode_ceiling",
+    )
+    for key in keys:
         if key in r:
             lines.append(f"- {key}: {r[key]:.2f}x")
+    if "resampler" in r:
+        lines.append(f"- resampler: {r['resampler']}; draft scales used: {r.get('draft_scales')}")
     return lines
 
 

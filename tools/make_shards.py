@@ -53,6 +53,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="downscale so the short side is at most this (0: keep the size)",
     )
     g.add_argument(
+        "--max_side",
+        type=int,
+        default=0,
+        help="also downscale so the long side is at most this, as FFCV's max_resolution "
+        "(0: no cap; use --max_short_side 0 to cap the long side only)",
+    )
+    g.add_argument(
         "--format",
         choices=("jpeg", "png"),
         default=None,
@@ -294,6 +301,7 @@ def _main(argv: Sequence[str] | None):
         format=args.format or plan.default_format,
         quality=args.quality,
         max_short_side=args.max_short_side or None,
+        max_side=args.max_side or None,
     )
     summary = shard_writer.write_plan(
         plan,

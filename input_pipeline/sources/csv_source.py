@@ -58,7 +58,12 @@ def process(task: Task, options: ImageOptions) -> Record | Bad:
     if path is None:
         return _bad_image(task, task.path, "file not found")
     try:
-        img = open_image(path, max_pixels=task.max_pixels, max_short_side=options.max_short_side)
+        img = open_image(
+            path,
+            max_pixels=task.max_pixels,
+            max_short_side=options.max_short_side,
+            max_side=options.max_side,
+        )
     except BadImageError as e:
         return _bad_image(task, path, str(e))
     return Record(task.id, encode_image(img, options), task.texts, -1)

@@ -54,7 +54,10 @@ class Task:
 def process(task: Task, options: ImageOptions) -> Record | Bad:
     try:
         img = open_image(
-            task.path, max_pixels=task.max_pixels, max_short_side=options.max_short_side
+            task.path,
+            max_pixels=task.max_pixels,
+            max_short_side=options.max_short_side,
+            max_side=options.max_side,
         )
     except BadImageError as e:
         return Bad(task.path, str(e))

@@ -98,7 +98,12 @@ class Task:
 
 def process(task: Task, options: ImageOptions) -> Record | Bad:
     try:
-        img = open_image(task.path, max_pixels=MAX_PIXELS, max_short_side=options.max_short_side)
+        img = open_image(
+            task.path,
+            max_pixels=MAX_PIXELS,
+            max_short_side=options.max_short_side,
+            max_side=options.max_side,
+        )
     except BadImageError as e:
         return Bad(task.path, str(e))
     return Record(task.id, encode_image(img, options), task.texts, task.label)

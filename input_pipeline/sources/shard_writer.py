@@ -65,15 +65,22 @@ class Bad:
 
 @dataclasses.dataclass(frozen=True)
 class ImageOptions:
-    """How images are stored: format (jpeg|png), JPEG quality, cap on the short side."""
+    """How images are stored: format (jpeg|png), JPEG quality, caps on the short side and on
+    the long side (`max_side`, FFCV's `max_resolution`); images are only ever downscaled,
+    keeping the aspect ratio, by the smaller of the two scales."""
 
     format: str = "jpeg"
     quality: int = 95
     max_short_side: int | None = 256
+    max_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.format not in ("jpeg", "png"):
             raise ValueError(f"format must be 'jpeg' or 'png', got {self.format!r}")
+        for name in ("max_short_side", "max_side"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be None or >= 1, got {value}")
 
 
 @dataclasses.dataclass
@@ -165,13 +172,31 @@ def header_size(path: str) -> tuple[int, int]:
             Image.MAX_IMAGE_PIXELS = saved
 
 
+def downscale(
+    width: int, height: int, max_short_side: int | None, max_side: int | None = None
+) -> float:
+    """The scale (<= 1) that brings the short side to at most `max_short_side` and the long
+    side to at most `max_side` (None: no cap); 1.0 when the image already fits."""
+    scale = 1.0
+    if max_short_side and min(width, height) > max_short_side:
+        scale = max_short_side / min(width, height)
+    if max_side and max(width, height) > max_side:
+        scale = min(scale, max_side / max(width, height))
+    return scale
+
+
 def open_image(
-    source: str | bytes, *, max_pixels: int | None = None, max_short_side: int | None = None
+    source: str | bytes,
+    *,
+    max_pixels: int | None = None,
+    max_short_side: int | None = None,
+    max_side: int | None = None,
 ) -> Image.Image:
     """Opens and fully decodes an image file or buffer; raises BadImageError with the reason.
 
-    With `max_short_side`, JPEGs decode in draft mode at the smallest DCT scale that still
-    leaves the short side at least that long (much faster for large photos).
+    With `max_short_side` / `max_side`, JPEGs decode in draft mode at the smallest DCT scale
+    that still leaves the image at least as large as `limit_size` will make it (much faster
+    for large photos).
     """
     import io
 
@@ -183,8 +208,8 @@ def open_image(
         width, height = img.size
         if max_pixels is not None and width * height > max_pixels:
             raise BadImageError(f"{width}x{height} has more than {max_pixels} pixels")
-        if max_short_side and img.format == "JPEG" and min(width, height) > max_short_side:
-            scale = max_short_side / min(width, height)
+        scale = downscale(width, height, max_short_side, max_side)
+        if img.format == "JPEG" and scale < 1.0:
             img.draft(img.mode, (math.ceil(width * scale), math.ceil(height * scale)))
         img.load()
     except FileNotFoundError:
@@ -227,13 +252,20 @@ def to_storable(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def limit_short_side(img: Image.Image, max_short_side: int | None) -> Image.Image:
-    """Downscales (never upscales) so that the short side is at most `max_short_side`."""
+def limit_size(
+    img: Image.Image, max_short_side: int | None, max_side: int | None = None
+) -> Image.Image:
+    """Downscales (never upscales, aspect kept) so that the short side is at most
+    `max_short_side` and the long side at most `max_side`."""
     width, height = img.size
-    if not max_short_side or min(width, height) <= max_short_side:
+    scale = downscale(width, height, max_short_side, max_side)
+    if scale >= 1.0:
         return img
-    scale = max_short_side / min(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if max_side:  # rounding must not push the long side past the cap
+        size = tuple(min(n, max_side) for n in size)
+    if size == (width, height):
+        return img
     return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
@@ -241,7 +273,7 @@ def encode_image(img: Image.Image, options: ImageOptions) -> bytes:
     """Flattens, resizes and encodes `img` as options say. Deterministic bytes."""
     import io
 
-    img = limit_short_side(to_storable(img), options.max_short_side)
+    img = limit_size(to_storable(img), options.max_short_side, options.max_side)
     buf = io.BytesIO()
     if options.format == "jpeg":
         img.save(buf, format="JPEG", quality=options.quality)
@@ -497,6 +529,7 @@ def _stats(plan: Plan, s: SplitSummary, options: ImageOptions) -> dict:
         "image_format": options.format,
         "jpeg_quality": options.quality if options.format == "jpeg" else None,
         "max_short_side": options.max_short_side,
+        "max_side": options.max_side,
         "shards": {os.path.basename(p): n for p, n in zip(s.shards, s.shard_counts, strict=True)},
         "per_class": per_class,
         "unlabelled": s.label_counts.get(-1, 0),

@@ -58,7 +58,9 @@ def _to_pil(image: Any) -> Image.Image:
 def process(task: Task, options: ImageOptions) -> Record | Bad:
     try:
         if isinstance(task.image, bytes):
-            img = open_image(task.image, max_short_side=options.max_short_side)
+            img = open_image(
+                task.image, max_short_side=options.max_short_side, max_side=options.max_side
+            )
         else:
             img = _to_pil(task.image)
     except BadImageError as e:

@@ -63,7 +63,12 @@ def process(task: Task, options: ImageOptions) -> Record | Bad:
         if len(data) < task.size:
             return Bad(where, f"image cut short: {len(data)} of {task.size} bytes in the tar")
     try:
-        img = open_image(data, max_pixels=task.max_pixels, max_short_side=options.max_short_side)
+        img = open_image(
+            data,
+            max_pixels=task.max_pixels,
+            max_short_side=options.max_short_side,
+            max_side=options.max_side,
+        )
     except BadImageError as e:
         # Pillow names an in-memory file by its repr (an address): name the member instead.
         return Bad(where, re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", task.member, str(e)))

@@ -252,26 +252,92 @@ def test_crop_matches_explicit_crop_then_resize(photo):
     assert np.abs(out.astype(int) - ref).mean() < 1.0
 
 
-def test_draft_path_close_to_full_decode(big_photo, monkeypatch):
+RESAMPLERS = [
+    "pillow",
+    pytest.param(
+        "opencv",
+        marks=pytest.mark.skipif(T._cv2 is None, reason="opencv-python-headless not installed"),
+    ),
+]
+
+
+@pytest.mark.parametrize("resampler", RESAMPLERS)
+def test_draft_path_close_to_full_decode(big_photo, monkeypatch, resampler):
+    """Drafted decode + mapped box vs full decode + Pillow resize of the same box."""
     decoded_sizes = []
-    original = Image.Image.resize
+    original = T._to_rgb
 
-    def spy(self, *args, **kwargs):
-        decoded_sizes.append(self.size)
-        return original(self, *args, **kwargs)
+    def spy(im):
+        decoded_sizes.append(im.size)
+        return original(im)
 
-    monkeypatch.setattr(Image.Image, "resize", spy)
+    monkeypatch.setattr(T, "_to_rgb", spy)
     diffs = []
     for seed in range(6):
-        fast = T.random_resized_crop(big_photo, np.random.default_rng(seed), 128, (0.3, 1.0))
+        fast = T.random_resized_crop(
+            big_photo, np.random.default_rng(seed), 128, (0.3, 1.0), resampler=resampler
+        )
         slow = T.random_resized_crop(
-            big_photo, np.random.default_rng(seed), 128, (0.3, 1.0), draft=False
+            big_photo, np.random.default_rng(seed), 128, (0.3, 1.0), draft=False, resampler="pillow"
         )
         diffs.append(np.abs(fast.astype(float) - slow).mean())
     assert max(diffs) < 2.0, diffs
     reduced = [s for s in decoded_sizes if s != (1600, 1200)]
     assert len(reduced) == 6  # every draft call decoded at a reduced DCT scale
     assert all(s[0] in (800, 400, 200) for s in reduced)
+
+
+@pytest.mark.skipif(T._cv2 is None, reason="opencv-python-headless not installed")
+@pytest.mark.parametrize("size", [160, 224])
+def test_opencv_resampler_close_to_pillow(photo, big_photo, size):
+    """Same boxes and flips (same generator draws), pixels within a fraction of a grey
+    level on average: SLIP's three views, upscaled and downscaled crops, with and without
+    draft decoding."""
+    specs = T.slip_crop_specs(size)
+    diffs = []
+    for data in (photo, big_photo):
+        width, height = Image.open(io.BytesIO(data)).size
+        for seed in range(8):
+            rng_a, rng_b, rng_c = (np.random.default_rng(seed) for _ in range(3))
+            fast = T.multi_crop(data, rng_a, specs, resampler="opencv")
+            ref = T.multi_crop(data, rng_b, specs, resampler="pillow", draft=False)
+            _, flips = T.sample_boxes(rng_c, width, height, specs)
+            # Both paths drew exactly the boxes and flips of sample_boxes.
+            assert rng_a.random() == rng_b.random() == rng_c.random()
+            for a, b, flip in zip(fast, ref, flips, strict=True):
+                assert a.shape == b.shape == (size, size, 3) and a.dtype == np.uint8
+                diffs.append(np.abs(a.astype(float) - b).mean())
+                if flip:  # a flipped view must not match its unflipped self
+                    assert np.abs(a.astype(float) - b[:, ::-1]).mean() > diffs[-1]
+    assert np.mean(diffs) < 0.75, diffs
+    assert max(diffs) < 3.0, diffs
+
+
+@pytest.mark.skipif(T._cv2 is None, reason="opencv-python-headless not installed")
+def test_opencv_antialiases_when_shrinking():
+    """A 1-pixel checkerboard shrunk 1.75x must come out near flat grey (Pillow does);
+    plain bilinear sampling without the prefilter leaves strong aliasing."""
+    board = ((np.indices((350, 350)).sum(0) % 2) * 255).astype(np.uint8)
+    arr = np.repeat(board[..., None], 3, -1)
+    spec = T.CropSpec(200, (0.999, 1.0), (0.999, 1.001))
+    fast = T.multi_crop(arr, np.random.default_rng(0), [spec], resampler="opencv")[0]
+    ref = T.multi_crop(arr, np.random.default_rng(0), [spec], resampler="pillow")[0]
+    plain = T._cv2.resize(arr, (200, 200), interpolation=T._cv2.INTER_LINEAR)
+    assert fast.std() < 2 * ref.std() + 8
+    assert plain.std() > 4 * fast.std()
+
+
+def test_resampler_choice(photo, monkeypatch):
+    with pytest.raises(ValueError, match="resampler"):
+        T.multi_crop(photo, np.random.default_rng(0), T.slip_crop_specs(32), resampler="x")
+    monkeypatch.setattr(T, "_cv2", None)  # as without opencv-python-headless
+    assert T.default_resampler() == "pillow"
+    views = T.multi_crop(photo, np.random.default_rng(0), T.slip_crop_specs(32))
+    ref = T.multi_crop(photo, np.random.default_rng(0), T.slip_crop_specs(32), resampler="pillow")
+    for a, b in zip(views, ref, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ImportError, match="opencv"):
+        T.multi_crop(photo, np.random.default_rng(0), T.slip_crop_specs(32), resampler="opencv")
 
 
 def test_multi_crop_views(photo):

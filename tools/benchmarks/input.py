@@ -4,11 +4,18 @@
 
 Records are real images (Debian's OpenClipArt PNGs when installed, else Noto colour emoji)
 scaled to photo sizes (500x375 .. 640x480, both orientations) and JPEG-encoded at q95 in
-memory. Both pipelines run in this one process, pinned to one CPU, alternating rounds so
-that load from other processes hits both alike.
+memory. All pipelines run in this one process, pinned to one CPU, alternating rounds so
+that load from other processes hits all alike.
 
-- ours: `transforms.multi_crop` -> decode once, CLIP crop (scale 0.5-1) and two SSL crops
-  (scale 0.08-1, flip), uint8 out. Photometric work happens later on the accelerator.
+- ours: `transforms.multi_crop` -> decode once (JPEG DCT draft scaling when every crop
+  allows it), CLIP crop (scale 0.5-1) and two SSL crops (scale 0.08-1, flip), uint8 out.
+  Photometric work happens later on the accelerator. `ours_multi_crop` uses the default
+  resampler (OpenCV when installed), `ours_pillow` the Pillow one (the path before OpenCV):
+  same crop boxes, same decode.
+- decode-only ceilings on the same records: `decode_full` (Pillow decode to an RGB array,
+  nothing else) and `decode_draft_half` (the same at 1/2 DCT scale: the cost when draft
+  could halve every image; on photo-sized records the CLIP crop never allows it, see
+  `draft_scales`).
 - SLIP's recipe, written with PIL + numpy the way torchvision runs it on PIL images:
   RandomResizedCrop (crop + bilinear resize), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 in
   random order (ImageEnhance; hue through HSV), RandomGrayscale p=0.2, GaussianBlur
@@ -188,6 +195,34 @@ def ours(data: bytes, rng, size: int = 224) -> list[np.ndarray]:
     return transforms.multi_crop(data, rng, transforms.slip_crop_specs(size))
 
 
+def ours_pillow(data: bytes, rng, size: int = 224) -> list[np.ndarray]:
+    return transforms.multi_crop(data, rng, transforms.slip_crop_specs(size), resampler="pillow")
+
+
+def decode_full(data: bytes, rng, size: int = 224) -> np.ndarray:
+    return transforms.decode_image(data)
+
+
+def decode_draft_half(data: bytes, rng, size: int = 224) -> np.ndarray:
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", (im.width // 2, im.height // 2))
+    return np.asarray(im.convert("RGB"))
+
+
+def draft_scales(records: Sequence[bytes], size: int, seed: int) -> dict[str, int]:
+    """How often `multi_crop` may decode at 1/s (s = 1, 2, 4, 8) for SLIP's three crops."""
+    rng = np.random.default_rng(seed)
+    specs = transforms.slip_crop_specs(size)
+    counts: dict[str, int] = {}
+    for data in records:
+        width, height = Image.open(io.BytesIO(data)).size
+        boxes, _ = transforms.sample_boxes(rng, width, height, specs)
+        ratio = min(min(b[2], b[3]) / spec.size for b, spec in zip(boxes, specs, strict=True))
+        s = str(transforms._draft_scale(ratio))
+        counts[s] = counts.get(s, 0) + 1
+    return counts
+
+
 # ----------------------------------------------------------------------------------------
 # Timing
 
@@ -220,8 +255,11 @@ def run(args) -> dict:
     records, source = make_records(args.num_images, args.seed, args.source)
     pipelines = {
         "ours_multi_crop": ours,
+        "ours_pillow": ours_pillow,
         "slip_per_view_decode": slip_per_view_decode,
         "slip_decode_once": slip_decode_once,
+        "decode_full": decode_full,
+        "decode_draft_half": decode_draft_half,
     }
     names = list(pipelines)
     for fn in pipelines.values():  # warm up (imports, caches)
@@ -233,7 +271,7 @@ def run(args) -> dict:
         totals = {k: [0.0, 0.0] for k in names}
         for c, start in enumerate(range(0, len(records), args.chunk)):
             chunk = records[start : start + args.chunk]
-            for name in names[c % 3 :] + names[: c % 3]:
+            for name in names[c % len(names) :] + names[: c % len(names)]:
                 w, t = _time_chunk(pipelines[name], chunk, rngs[name], args.size)
                 totals[name][0] += w
                 totals[name][1] += t
@@ -255,9 +293,16 @@ def run(args) -> dict:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "samples_per_cpu_s": cpu_rate,
         "samples_per_wall_s": wall_rate,
+        "resampler": transforms.default_resampler(),
+        "opencv": transforms._cv2.__version__ if transforms._cv2 is not None else None,
+        "draft_scales": draft_scales(records, args.size, args.seed),
         "speedup_vs_slip_per_view_decode": cpu_rate["ours_multi_crop"]
         / cpu_rate["slip_per_view_decode"],
         "speedup_vs_slip_decode_once": cpu_rate["ours_multi_crop"] / cpu_rate["slip_decode_once"],
+        "pillow_path_speedup_vs_slip_per_view_decode": cpu_rate["ours_pillow"]
+        / cpu_rate["slip_per_view_decode"],
+        "speedup_vs_ours_pillow": cpu_rate["ours_multi_crop"] / cpu_rate["ours_pillow"],
+        "fraction_of_decode_ceiling": cpu_rate["ours_multi_crop"] / cpu_rate["decode_full"],
         "wall_speedup_vs_slip_per_view_decode": wall_rate["ours_multi_crop"]
         / wall_rate["slip_per_view_decode"],
         "wall_speedup_vs_slip_decode_once": wall_rate["ours_multi_crop"]

@@ -494,3 +494,38 @@ def test_openclipart_subset(tmp_path):
         assert min(_decode(r["image"]).shape[:2]) <= 256
     dropped = json.load(open(prefix + "-dropped_categories.json"))
     assert set(dropped) == {"computer", "shapes", "special", "unsorted"}
+
+
+def test_max_side_caps_the_long_side(tmp_path):
+    """--max_side N: the long side is at most N (aspect kept, never upscaled), JPEGs are
+    drafted no smaller than the target, and the cap is recorded in the stats."""
+    images, _ = _idx_images("test")
+    root = tmp_path / "imgs"
+    root.mkdir()
+    sizes = {"land.jpg": (640, 480), "port.jpg": (300, 500), "small.png": (100, 80)}
+    for i, (name, size) in enumerate(sizes.items()):
+        Image.fromarray(np.stack([images[i]] * 3, -1)).resize(size, Image.BICUBIC).save(root / name)
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(json.dumps({"path": n, "caption": n}) + "\n" for n in sizes))
+    cap = 256
+    prefix = str(tmp_path / "out" / "ms")
+    make_shards.main(
+        ["folder", "--images_dir", str(root), "--captions", str(caps), "--output", prefix]
+        + ["--max_side", str(cap), "--max_short_side", "0", "--quiet"]
+    )
+    recs = {r["id"]: r for r in _records(prefix + "-0*.tfrecord")}
+    for name, (w, h) in sizes.items():
+        got_h, got_w = _decode(recs[name]["image"]).shape[:2]
+        scale = min(1.0, cap / max(w, h))
+        assert (got_w, got_h) == (round(w * scale), round(h * scale)), name
+        assert max(got_w, got_h) <= cap
+    stats = json.load(open(prefix + "-stats.json"))
+    assert stats["max_side"] == cap and stats["max_short_side"] is None
+    # Both caps: the smaller scale wins.
+    both = shard_writer.ImageOptions(max_short_side=100, max_side=cap)
+    img = shard_writer.open_image(str(root / "land.jpg"), max_short_side=100, max_side=cap)
+    assert img.size[0] >= 134 and img.size[1] >= 100  # drafted, still >= the target
+    out = Image.open(io.BytesIO(shard_writer.encode_image(img, both)))
+    assert out.size == (133, 100)
+    with pytest.raises(ValueError, match="max_side"):
+        shard_writer.ImageOptions(max_side=0)
