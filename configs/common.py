@@ -60,8 +60,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return out
 
 
-def embedded_sources(root: str = DATA_ROOT, fashion_weight: float = 0.0) -> dict:
-    """The embedded default: emoji image-text pairs (+ optionally Fashion-MNIST labels)."""
+def embedded_sources(
+    root: str = DATA_ROOT, fashion_weight: float = 0.0, openclipart_weight: float = 0.0
+) -> dict:
+    """The embedded default: emoji image-text pairs (weight 1), plus, when their weights are
+    > 0, Fashion-MNIST image-label data and OpenClipArt image-text pairs (train splits only;
+    weights are relative, as `data.sources.*.weight`). A source given a weight whose shards
+    were not built (e.g. make_shards embedded without OpenClipArt) fails when the pipeline
+    opens it, naming the source and the glob."""
+    for name, weight in (("fashion", fashion_weight), ("openclipart", openclipart_weight)):
+        if weight < 0:
+            raise ValueError(f"{name} weight must be >= 0, got {weight}")
     sources = {
         "emoji": dict(
             shards=f"{root}/emoji/emoji-train-*.tfrecord",
@@ -78,6 +87,14 @@ def embedded_sources(root: str = DATA_ROOT, fashion_weight: float = 0.0) -> dict
             classnames=f"{root}/fashion_mnist/fashion_mnist-classnames.json",
             use_labels=True,
             prompt_templates="imagenet80",
+        )
+    if openclipart_weight > 0:
+        sources["openclipart"] = dict(
+            shards=f"{root}/openclipart/openclipart-train-*.tfrecord",
+            weight=openclipart_weight,
+            classnames=f"{root}/openclipart/openclipart-classnames.json",
+            use_labels=False,
+            prompt_templates="simple",
         )
     return sources
 
@@ -150,6 +167,7 @@ def recipe(
         arg,
         data=DATA_ROOT,
         fashion=0.5 if method == "unicl" else 0.0,
+        openclipart=0.0,  # weight of the OpenClipArt pairs beside emoji's 1.0 (0: left out)
         topics="lda",  # text model of the topic targets (topic recipes)
         topic_dim=40,
         # The text tower: "own" (CLIP's transformer trained from scratch on a sentencepiece
@@ -221,7 +239,7 @@ def recipe(
             sources=(
                 topic_sources(args.data, args.topics)
                 if needs_topics
-                else embedded_sources(args.data, args.fashion)
+                else embedded_sources(args.data, args.fashion, args.openclipart)
             ),
             # The tiny recipes train a sentencepiece model on the embedded captions (make_shards
             # embedded); the real ones tokenize as CLIP and SLIP do: CLIP's byte-level BPE

@@ -306,9 +306,19 @@ def _make_sources(data_cfg: ml_collections.ConfigDict) -> tuple[list[_Source], l
         if weight == 0:
             logging.info("data: source %r has weight 0 and is not read", name)
             continue
+        # Shards first: a source that was never built fails on its glob, with the fix.
+        try:
+            recs = open_records(cfg.shards, lenient=data_cfg.skip_bad_records)
+        except (FileNotFoundError, tfrecord.RecordError) as e:
+            e.add_note(f"while opening data source {name!r} (shards {cfg.shards!r})")
+            raise
         use_labels = bool(cfg.get("use_labels", False))
         classnames_path = cfg.get("classnames", "") or ""
-        classnames = load_classnames(classnames_path)
+        try:
+            classnames = load_classnames(classnames_path)
+        except (OSError, ValueError) as e:
+            e.add_note(f"while reading data.sources.{name}.classnames ({classnames_path!r})")
+            raise
         if use_labels and classnames is None:
             raise ValueError(f"data.sources.{name}: use_labels=True needs a classnames file")
         label_offset = 0
@@ -318,11 +328,6 @@ def _make_sources(data_cfg: ml_collections.ConfigDict) -> tuple[list[_Source], l
                 offsets[key] = next_offset
                 next_offset += len(classnames)
             label_offset = offsets[key]
-        try:
-            recs = open_records(cfg.shards, lenient=data_cfg.skip_bad_records)
-        except (FileNotFoundError, tfrecord.RecordError) as e:
-            e.add_note(f"while opening data source {name!r} (shards {cfg.shards!r})")
-            raise
         templates = templates_lib.load_templates(cfg.get("prompt_templates", "imagenet80"))
         sources.append(
             _Source(

@@ -34,7 +34,8 @@ def compilation_cache():
 
 @pytest.fixture(scope="session")
 def embedded_data() -> Path:
-    """The embedded default data (emoji + a Fashion-MNIST subset + tokenizer).
+    """The embedded default data (emoji + a Fashion-MNIST subset + the first 300 OpenClipArt
+    PNGs when it is installed, a logged skip otherwise + tokenizer).
 
     Built by the real `make_shards.py embedded` command into a cache directory; its manifest
     (hashes of inputs, code and parameters) makes a rebuild a no-op when nothing changed.
@@ -49,6 +50,8 @@ def embedded_data() -> Path:
             str(out),
             "--fashion_limit",
             "3000",
+            "--openclipart_limit",
+            "300",
         ],
         check=True,
         cwd=ROOT,

@@ -3,7 +3,7 @@
 # topics and opencv extras. Idempotent: a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEBS="fonts-noto-color-emoji unicode-data unicode-cldr-core dataset-fashion-mnist"
+DEBS="fonts-noto-color-emoji unicode-data unicode-cldr-core dataset-fashion-mnist openclipart-png openclipart-svg"
 missing=""
 for p in $DEBS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

@@ -2,7 +2,7 @@
 
     python tools/make_shards.py emoji --output data/emoji/emoji
     python tools/make_shards.py fashion_mnist --output data/fashion_mnist/fashion_mnist
-    python tools/make_shards.py openclipart --output data/openclipart/openclipart
+    python tools/make_shards.py openclipart --output data/openclipart/openclipart --image_size 128
     python tools/make_shards.py folder --images_dir imgs --captions caps.jsonl --output data/x/x
     python tools/make_shards.py tfds --name my_ds --data_dir ~/tfds --split train,test \\
         --output data/my_ds/my_ds
@@ -91,6 +91,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     _common(p)
     p.add_argument("--png_dir", default="/usr/share/openclipart/png")
     p.add_argument("--svg_dir", default="/usr/share/openclipart/svg")
+    p.add_argument(
+        "--test_fraction", type=float, default=0.2, help="share of titles (0: no splits)"
+    )
+    p.add_argument(
+        "--image_size", type=int, default=0, help="white square of this side (0: keep aspect)"
+    )
 
     p = sub.add_parser("fashion_mnist", help="Fashion-MNIST IDX files, image-label records")
     _common(p)
@@ -159,12 +165,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = sub.add_parser("index", help="write the .idx of shards made elsewhere")
     p.add_argument("paths", nargs="+", help="shard paths or globs")
 
-    p = sub.add_parser("embedded", help="the embedded default: emoji + fashion_mnist + tokenizer")
+    p = sub.add_parser(
+        "embedded", help="the embedded default: emoji + fashion_mnist + openclipart + tokenizer"
+    )
     p.add_argument("--output_dir", default="data")
     p.add_argument(
         "--fashion_limit", type=int, default=None, help="images per split (default: all)"
     )
     p.add_argument("--emoji_limit", type=int, default=None, help="emoji (default: all)")
+    p.add_argument(
+        "--openclipart_limit", type=int, default=None, help="OpenClipArt PNGs (default: all)"
+    )
+    p.add_argument(
+        "--no_openclipart",
+        action="store_true",
+        help="leave OpenClipArt out (recorded as skipped in the manifest)",
+    )
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -186,7 +202,13 @@ def make_plan(args: argparse.Namespace) -> shard_writer.Plan:
     if args.source == "openclipart":
         from input_pipeline.sources import openclipart
 
-        return openclipart.plan(png_dir=args.png_dir, svg_dir=args.svg_dir, limit=args.limit)
+        return openclipart.plan(
+            png_dir=args.png_dir,
+            svg_dir=args.svg_dir,
+            limit=args.limit,
+            test_fraction=args.test_fraction,
+            image_size=args.image_size or None,
+        )
     if args.source == "fashion_mnist":
         from input_pipeline.sources import fashion_mnist
 
@@ -290,6 +312,8 @@ def _main(argv: Sequence[str] | None):
             args.output_dir,
             fashion_limit=args.fashion_limit,
             emoji_limit=args.emoji_limit,
+            openclipart_limit=args.openclipart_limit,
+            with_openclipart=not args.no_openclipart,
             workers=args.workers,
             force=args.force,
             progress=not args.quiet,

@@ -1,10 +1,19 @@
 """The project's embedded default data set, built in one call from the offline Debian data.
 
     OUTPUT_DIR/emoji/emoji-{train,test}-00000-of-00001.tfrecord (+ .idx, stats, classnames,
-                                                                 groups, bad_files)
+                                     groups, bad_files): every text of each emoji (CLDR name
+                                     first, templates, each keyword, the keyword list)
     OUTPUT_DIR/fashion_mnist/fashion_mnist-train-0000K-of-00006.tfrecord, ...-test-...-of-00001
-    OUTPUT_DIR/tokenizer/spm.model     sentencepiece on emoji train captions + fashion classes
+    OUTPUT_DIR/openclipart/openclipart-{train,test}-00000-of-00001.tfrecord (+ the same side
+                                     files): OpenClipArt PNGs on white, 128 px squares, with
+                                     their SVG captions, split by title
+    OUTPUT_DIR/tokenizer/spm.model     sentencepiece on the emoji and OpenClipArt train captions
+                                       + the fashion classes
     OUTPUT_DIR/manifest.json           what was built, from which inputs, with which counts
+
+OpenClipArt (Debian openclipart-png, openclipart-svg) is optional: when it is not installed,
+or disabled (`openclipart=False`, `--no_openclipart`), the build says so loudly and records
+{"skipped": reason} as its manifest part, so machines without it still build the rest.
 
 Each part records a key (hashes of its input files, of the code that builds it, and of its
 parameters) in the manifest; a part whose key is unchanged and whose outputs are all still
@@ -21,7 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from input_pipeline.sources import emoji, fashion_mnist, shard_writer
+from input_pipeline.sources import emoji, fashion_mnist, openclipart, shard_writer
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -35,7 +44,20 @@ _CODE = {
         "records.py",
         "tfrecord.py",
     ],
+    "openclipart": [
+        "sources/openclipart.py",
+        "sources/shard_writer.py",
+        "records.py",
+        "tfrecord.py",
+    ],
     "tokenizer": ["tokenizers/spm.py", "sources/embedded.py"],
+}
+OPENCLIPART_PARAMS = {
+    "test_fraction": 0.2,
+    "image_size": 128,
+    "format": "jpeg",
+    "drop_categories": sorted(openclipart.DROP_CATEGORIES),
+    "max_pixels": openclipart.MAX_PIXELS,
 }
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
 
@@ -111,12 +133,58 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
-def _emoji_train_captions(output_dir: str, entry: dict) -> list[str]:
+def _split_texts(output_dir: str, entry: dict, split: str) -> list[tuple[str, ...]]:
+    """The texts of every record of one split of a built part, in file order."""
     from input_pipeline.records import decode_example
     from input_pipeline.tfrecord import TFRecordSource
 
-    source = TFRecordSource(os.path.join(output_dir, entry["splits"]["train"]["pattern"]))
-    return [t for i in range(len(source)) for t in decode_example(source[i])["texts"]]
+    if not entry["splits"][split]["num_records"]:
+        return []
+    pattern = os.path.join(output_dir, entry["splits"][split]["pattern"])
+    source = TFRecordSource(pattern)
+    where = f"{pattern}[{{}}]"
+    return [
+        tuple(decode_example(source[i], where=where.format(i))["texts"]) for i in range(len(source))
+    ]
+
+
+def _texts_per_record(output_dir: str, entry: dict) -> dict[str, float]:
+    """Mean number of texts per record, per split (what the caption sampler draws from)."""
+    out = {}
+    for split in entry["splits"]:
+        texts = _split_texts(output_dir, entry, split)
+        out[split] = round(sum(map(len, texts)) / len(texts), 3) if texts else 0.0
+    return out
+
+
+def listing_hash(directory: str) -> str:
+    """sha256 over (relative path, size, mtime) of every file under `directory`: a cheap key
+    for a package-managed tree too large to hash byte by byte at every run."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            rel = os.path.relpath(os.path.join(root, name), directory)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _openclipart_missing(png_dir: str, svg_dir: str) -> str | None:
+    """Why OpenClipArt cannot be built here (with the command that fixes it), or None."""
+    missing = [
+        (d, pkg)
+        for d, pkg in ((png_dir, "openclipart-png"), (svg_dir, "openclipart-svg"))
+        if not os.path.isdir(d)
+    ]
+    if not missing:
+        return None
+    dirs = ", ".join(d for d, _ in missing)
+    pkgs = " ".join(p for _, p in missing)
+    return (
+        f"{dirs} not found; install with: "
+        f"sudo apt-get install --no-install-recommends {pkgs} (or run tools/install.sh)"
+    )
 
 
 def build_embedded(
@@ -124,13 +192,20 @@ def build_embedded(
     *,
     fashion_limit: int | None = None,
     emoji_limit: int | None = None,
+    openclipart_limit: int | None = None,
+    with_openclipart: bool = True,
+    openclipart_dirs: tuple[str, str] = (openclipart.PNG_DIR, openclipart.SVG_DIR),
     workers: int | None = None,
     force: bool = False,
     progress: bool = True,
     log=print,
 ) -> dict[str, Any]:
     """Builds (or keeps, when up to date) every part of the embedded default; returns the
-    manifest, which is also written to OUTPUT_DIR/manifest.json."""
+    manifest, which is also written to OUTPUT_DIR/manifest.json.
+
+    The *_limit arguments build a subset (tests); `with_openclipart=False` or a missing
+    OpenClipArt install (`openclipart_dirs`: PNG and SVG roots) skips that part loudly.
+    """
     start = time.perf_counter()
     os.makedirs(output_dir, exist_ok=True)
     manifest_path = os.path.join(output_dir, MANIFEST)
@@ -165,6 +240,8 @@ def build_embedded(
         )
         log(summary.line())
         parts["emoji"] = _shard_entry(output_dir, summary, key, hashes)
+        parts["emoji"]["texts_per_record"] = _texts_per_record(output_dir, parts["emoji"])
+        log(f"emoji: texts per record {parts['emoji']['texts_per_record']}")
 
     # Fashion-MNIST image-label data.
     params = {"limit": fashion_limit, "format": "png"}
@@ -185,10 +262,50 @@ def build_embedded(
         log(summary.line())
         parts["fashion_mnist"] = _shard_entry(output_dir, summary, key, hashes)
 
-    # Tokenizer on the emoji train captions and the Fashion-MNIST class names.
+    # OpenClipArt image-text pairs (optional: a logged skip when absent or disabled).
+    png_dir, svg_dir = openclipart_dirs
+    reason = (
+        "disabled (with_openclipart=False, --no_openclipart)"
+        if not with_openclipart
+        else _openclipart_missing(png_dir, svg_dir)
+    )
+    if reason:
+        log(f"openclipart: WARNING: SKIPPED, the embedded data has no OpenClipArt: {reason}")
+        parts["openclipart"] = {"skipped": reason}
+    else:
+        params = {"limit": openclipart_limit, **OPENCLIPART_PARAMS}
+        key, hashes = _key([], _CODE["openclipart"], params)
+        hashes |= {"listing:png": listing_hash(png_dir), "listing:svg": listing_hash(svg_dir)}
+        key = hashlib.sha256(json.dumps([key, hashes], sort_keys=True).encode()).hexdigest()
+        if not up_to_date("openclipart", key):
+            plan = openclipart.plan(
+                png_dir=png_dir,
+                svg_dir=svg_dir,
+                limit=openclipart_limit,
+                drop_categories=OPENCLIPART_PARAMS["drop_categories"],
+                max_pixels=OPENCLIPART_PARAMS["max_pixels"],
+                test_fraction=OPENCLIPART_PARAMS["test_fraction"],
+                image_size=OPENCLIPART_PARAMS["image_size"],
+            )
+            summary = shard_writer.write_plan(
+                plan,
+                os.path.join(output_dir, "openclipart", "openclipart"),
+                num_shards=1,
+                workers=workers,
+                progress=progress,
+            )
+            log(summary.line())
+            entry = _shard_entry(output_dir, summary, key, hashes)
+            entry["texts_per_record"] = _texts_per_record(output_dir, entry)
+            log(f"openclipart: texts per record {entry['texts_per_record']}")
+            parts["openclipart"] = entry
+
+    # Tokenizer on the emoji (+ OpenClipArt) train captions and the Fashion-MNIST classes.
+    caption_parts = [n for n in ("emoji", "openclipart") if "files" in parts.get(n, {})]
     train_files = sorted(
         os.path.join(output_dir, rel)
-        for rel in parts["emoji"]["files"]
+        for name in caption_parts
+        for rel in parts[name]["files"]
         if "-train-" in rel and rel.endswith(".tfrecord")
     )
     params = {"vocab_size": TOKENIZER_VOCAB_SIZE, "classes": fashion_mnist.CLASSNAMES}
@@ -196,7 +313,12 @@ def build_embedded(
     if not up_to_date("tokenizer", key):
         from input_pipeline.tokenizers.spm import Tokenizer, train_sentencepiece
 
-        texts = _emoji_train_captions(output_dir, parts["emoji"])
+        texts = [
+            t
+            for name in caption_parts
+            for r in _split_texts(output_dir, parts[name], "train")
+            for t in r
+        ]
         texts += list(fashion_mnist.CLASSNAMES)
         model = train_sentencepiece(
             texts, os.path.join(output_dir, "tokenizer", "spm"), TOKENIZER_VOCAB_SIZE
@@ -214,8 +336,9 @@ def build_embedded(
 
     manifest = {
         "version": MANIFEST_VERSION,
-        "description": "mmssl_jax embedded default: emoji image-text pairs, Fashion-MNIST "
-        "image-label data and a sentencepiece tokenizer (tools/make_shards.py embedded)",
+        "description": "mmssl_jax embedded default: emoji and OpenClipArt image-text pairs, "
+        "Fashion-MNIST image-label data and a sentencepiece tokenizer "
+        "(tools/make_shards.py embedded)",
         "parts": parts,
         "elapsed_s": round(time.perf_counter() - start, 2),
     }

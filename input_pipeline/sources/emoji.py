@@ -135,12 +135,23 @@ def split_of(base: str, test_fraction: float) -> str:
     return "test" if h / 2.0**64 < test_fraction else "train"
 
 
+CAPTION_TEMPLATES = ("an emoji of {}", "{} emoji")
+
+
 def captions(e: Emoji, keywords: Sequence[str]) -> tuple[str, ...]:
-    """The name, a template, and the keyword list; deduplicated, order kept."""
-    texts = [e.name, f"an emoji of {e.name}"]
-    if keywords:
+    """Every text of an emoji: its CLDR name (always first: evaluators and the tokens of an
+    eval record take texts[0]), the name in each of `CAPTION_TEMPLATES`, each CLDR keyword
+    on its own, and the joined keyword list. Deduplicated ignoring case and spacing, order
+    kept; the pipeline draws one of them per step, so each is a real pair."""
+    texts = [e.name, *(t.format(e.name) for t in CAPTION_TEMPLATES), *keywords]
+    if len(keywords) > 1:
         texts.append(", ".join(keywords))
-    return tuple(dict.fromkeys(texts))
+    seen: dict[str, str] = {}
+    for text in texts:
+        text = " ".join(text.split())
+        if text:
+            seen.setdefault(text.casefold(), text)
+    return tuple(seen.values())
 
 
 @functools.lru_cache(maxsize=2)

@@ -443,6 +443,7 @@ def test_image_size_limits(tmp_path):
 def test_embedded_default_skips_when_up_to_date(tmp_path):
     out = str(tmp_path / "data")
     args = ["embedded", "--output_dir", out, "--fashion_limit", "40", "--emoji_limit", "60"]
+    args += ["--no_openclipart"]  # built in tests/input_pipeline/sources/test_embedded_data.py
     first = make_shards.main(args + ["--workers", "1", "--quiet"])
     parts = first["parts"]
     assert parts["fashion_mnist"]["splits"]["train"]["num_records"] == 40
@@ -458,14 +459,21 @@ def test_embedded_default_skips_when_up_to_date(tmp_path):
     from input_pipeline.sources.embedded import build_embedded
 
     lines = []
-    second = build_embedded(out, fashion_limit=40, emoji_limit=60, progress=False, log=lines.append)
-    assert lines == [f"{p}: up to date, skipped" for p in ("emoji", "fashion_mnist", "tokenizer")]
+    kw = dict(with_openclipart=False, progress=False, log=lines.append)
+    second = build_embedded(out, fashion_limit=40, emoji_limit=60, **kw)
+    skip = "openclipart: WARNING: SKIPPED, the embedded data has no OpenClipArt: disabled"
+    assert [line.split(" (")[0] for line in lines] == [
+        "emoji: up to date, skipped",
+        "fashion_mnist: up to date, skipped",
+        skip,
+        "tokenizer: up to date, skipped",
+    ]
     assert second["parts"] == parts and os.stat(shard).st_mtime_ns == mtime
     # A changed parameter rebuilds that part only (the tokenizer's inputs did not change).
     lines.clear()
-    third = build_embedded(out, fashion_limit=20, emoji_limit=60, progress=False, log=lines.append)
+    third = build_embedded(out, fashion_limit=20, emoji_limit=60, **kw)
     assert lines[0] == "emoji: up to date, skipped" and "wrote 20 train + 20 test" in lines[1]
-    assert lines[2] == "tokenizer: up to date, skipped"
+    assert lines[2].startswith(skip) and lines[3] == "tokenizer: up to date, skipped"
     assert third["parts"]["fashion_mnist"]["splits"]["test"]["num_records"] == 20
     with open(os.path.join(out, "manifest.json")) as f:
         assert json.load(f)["parts"] == third["parts"]
@@ -483,6 +491,7 @@ def test_openclipart_subset(tmp_path):
     prefix = str(tmp_path / "oc")
     make_shards.main(
         ["openclipart", "--output", prefix, "--limit", "12", "--workers", "1", "--quiet"]
+        + ["--test_fraction", "0"]
     )
     names = json.load(open(prefix + "-classnames.json"))
     assert len(names) == 18 and "computer" not in names and "signs and symbols" in names
