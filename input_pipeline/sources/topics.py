@@ -294,7 +294,7 @@ def write_with_topics(
 
 def top_words(model: TextModel, n: int = 8) -> list[list[str]]:
     """The `n` highest-weight words of each LDA topic / LSA component (for a quick look)."""
-    if model.kind == "word2vec":
+    if "components" not in model.arrays:  # word2vec, or an encoder's embeddings (bert)
         return []
     order = np.argsort(-model.arrays["components"], axis=1)[:, :n]
     return [[model.vocabulary[j] for j in row] for row in order]

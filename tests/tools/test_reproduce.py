@@ -1,0 +1,72 @@
+"""tools/reproduce.py: cells train and evaluate through the project's Trainer, a finished
+cell is never run again (a stopped comparison resumes), and the table's mean +- std over
+seeds matches numpy."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tools import reproduce
+
+
+def _cell(method, seed, top1, r1):
+    return {
+        "method": method,
+        "seed": seed,
+        "train_s": 60.0,
+        "metrics": {"zs/top1": top1, "ret/img2txt_R@1": r1, "ret/img2txt_mAP": 0.5},
+        "baselines": {"raw_pixels": {"zs/top1": 0.1}, "random_init": {"zs/top1": 0.05}},
+    }
+
+
+def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
+    cells = [_cell("clip", s, t, r) for s, t, r in ((0, 0.2, 0.3), (1, 0.4, 0.1), (2, 0.3, 0.2))]
+    cells.append(_cell("slip", 0, 0.5, 0.6))
+    assert reproduce.columns(cells) == ["ret/img2txt_R@1", "zs/top1"]  # not mAP
+    summary = reproduce.summarize(cells)
+    np.testing.assert_allclose(summary["clip"]["zs/top1"]["mean"], 0.3)
+    np.testing.assert_allclose(summary["clip"]["zs/top1"]["std"], np.std([0.2, 0.4, 0.3], ddof=1))
+    assert summary["slip"]["zs/top1"]["n"] == 1 and np.isnan(summary["slip"]["zs/top1"]["std"])
+    args = reproduce.parse_args(["--output", str(tmp_path)])
+    reproduce.write_outputs(args, cells, "python tools/reproduce.py")
+    table = (tmp_path / "reproduce.md").read_text()
+    assert "| clip (CLIP, text transformer from scratch) | 20.0 ± 10.0 | 30.0 ± 10.0 |" in table
+    assert "*raw pixels*" in table and (tmp_path / "reproduce.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "reproduce.json").read_text())["baselines"]["raw_pixels"]
+
+
+def test_cells_run_once_and_resume(embedded_data, tmp_path, monkeypatch):
+    retrieval = {
+        "type": "retrieval",
+        "shards": str(embedded_data / "emoji" / "emoji-test-*.tfrecord"),
+        "image_size": 32,
+        "limit": 64,
+        "plots": False,
+        "raw_pixel_size": 8,
+    }
+    argv = [
+        f"--data={embedded_data}",
+        f"--output={tmp_path}",
+        "--methods=clip",
+        "--seeds=0,1",
+        "--steps=2",
+        "--batch_size=16",
+        f"--override=evals={{'emoji_retrieval': {retrieval!r}}}",
+        "--override=train.log_every=1",
+    ]
+    cells = reproduce.main(argv)
+    assert [(c["method"], c["seed"]) for c in cells] == [("clip", 0), ("clip", 1)]
+    assert cells[0]["metrics"]["emoji_retrieval/img2txt_R@1"] >= 0
+    assert cells[0]["baselines"]["random_init"]  # the evaluator's baselines come along
+    assert cells[0]["metrics"] != cells[1]["metrics"]  # the seed changes the run
+
+    # Finished cells are read back, never trained again.
+    class NoTraining:
+        def __init__(self, *a, **k):
+            raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr("mmssl_jax.training.trainer.Trainer", NoTraining)
+    assert reproduce.main(argv) == cells
+    with pytest.raises(SystemExit, match="unknown method"):
+        reproduce.main(["--methods=nope", f"--output={tmp_path}"])
