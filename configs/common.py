@@ -111,7 +111,10 @@ def embedded_evals(root: str = DATA_ROOT, image_size: int = 32) -> dict:
             templates="simple",
             image_size=image_size,
         ),
-        "emoji_retrieval": dict(type="retrieval", shards=emoji_test, image_size=image_size),
+        # Captions: the CLDR name of each held-out emoji (one per image, 766-way).
+        "emoji_retrieval": dict(
+            type="retrieval", shards=emoji_test, image_size=image_size, captions=1
+        ),
         "fashion_linear_probe": dict(
             type="linear_probe",
             train_shards=f"{root}/fashion_mnist/fashion_mnist-train-*.tfrecord",

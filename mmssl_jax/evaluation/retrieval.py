@@ -113,11 +113,15 @@ def retrieval_metrics(
     return out
 
 
-def flatten_captions(captions: Sequence[str | Sequence[str]]) -> tuple[list[str], np.ndarray]:
-    """Per-image caption lists -> (flat texts, text_to_image). Images with none are skipped."""
+def flatten_captions(
+    captions: Sequence[str | Sequence[str]], per_image: int = 0
+) -> tuple[list[str], np.ndarray]:
+    """Per-image caption lists -> (flat texts, text_to_image), keeping the first `per_image`
+    captions of each image (0: all). Images with none are skipped."""
     texts, owner = [], []
     for i, caps in enumerate(captions):
         caps = [caps] if isinstance(caps, str) else list(caps)
+        caps = caps[:per_image] if per_image > 0 else caps
         texts.extend(caps)
         owner.extend([i] * len(caps))
     return texts, np.asarray(owner, np.int64)
@@ -125,7 +129,10 @@ def flatten_captions(captions: Sequence[str | Sequence[str]]) -> tuple[list[str]
 
 # ---- the evaluator entry (type "retrieval", found by name: see runner.py) ----
 
-DEFAULTS = dict(shards=None, ks=(1, 5, 10), class_relevance=True)
+# captions: how many of each record's texts are its captions, first ones first (0: all). The
+# embedded emoji keep 1, the CLDR name: their other texts (single keywords such as "face")
+# are training text, not captions that name one image.
+DEFAULTS = dict(shards=None, ks=(1, 5, 10), class_relevance=True, captions=0)
 SPLITS = ("shards",)  # the shard keys it reads
 NEEDS_TEXT = True  # skipped (with a warning) for an encoder without a text tower
 RAW_PIXELS = True  # whether the raw-pixel baseline applies
@@ -136,7 +143,7 @@ PER_LAYER = False  # metrics are "<layer>/<metric>" rows
 def run(call, name, cfg, encoder, rows, artifacts) -> dict[str, float]:
     """Runs the evaluation `name` (config `cfg`) on `encoder`; see the module docstring."""
     arrays = context.load_arrays(name, cfg, "shards")
-    texts, text_to_image = flatten_captions(arrays["texts"])
+    texts, text_to_image = flatten_captions(arrays["texts"], int(cfg["captions"]))
     if not texts:
         raise context.CannotEvaluateError(
             f"evals.{name}: the records of {cfg['shards']!r} carry no captions"
