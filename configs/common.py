@@ -356,6 +356,22 @@ def recipe(
         )
     )
     config.evals = ml_collections.ConfigDict(embedded_evals(args.data, s["image_size"]))
+    if needs_text:
+        # The ridge-map baseline of the text evaluations (evaluation/baselines.py): pixels of
+        # the first `limit` emoji training images -> the text tower's space. The hook runs it
+        # only with a pretrained text tower (text=bert).
+        config.eval_baselines = ml_collections.ConfigDict(
+            dict(
+                ridge_map=dict(
+                    shards=f"{args.data}/emoji/emoji-train-*.tfrecord",
+                    limit=2000,
+                    image_size=s["image_size"],
+                    raw_pixel_size=16,
+                    alphas=(0.1, 1.0, 10.0, 100.0, 1000.0),
+                    val_fraction=0.2,
+                )
+            )
+        )
     if not tiny and needs_text:  # CLIP's BPE ids: pad 0 is "!", so pool at EOT = argmax
         config.model.text_overrides = {"pool": "argmax"}
     if args.text != "own" and needs_text:

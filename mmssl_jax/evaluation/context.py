@@ -218,6 +218,8 @@ class EvalCall:
         return self._features[key]
 
     def texts(self, encoder: Encoder, texts: list[str], cfg: Mapping, key: Any) -> np.ndarray:
+        # An encoder that borrows another's text tower (the ridge map) shares its texts.
+        encoder = getattr(encoder, "text_source", encoder)
         key = (id(encoder), key)
         if key not in self._texts:
             self._alive.append(encoder)

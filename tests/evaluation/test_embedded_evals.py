@@ -13,7 +13,7 @@ from threadpoolctl import threadpool_limits
 
 from configs.common import embedded_evals
 from input_pipeline.templates import load_templates
-from mmssl_jax.evaluation import context, encoder, linear_probe, runner, zero_shot
+from mmssl_jax.evaluation import baselines, context, encoder, linear_probe, runner, zero_shot
 
 # 6 fine classes in 3 groups; the toy encoder maps class 5's images to group 0 on purpose.
 CLASSES = ["apple", "pear", "car", "bus", "cat", "dog"]
@@ -21,16 +21,30 @@ GROUPS = {"groups": ["fruit", "vehicle", "animal"], "group_of_label": [0, 0, 1, 
 SEEN_AS = [0, 0, 1, 1, 2, 0]  # the group the toy image embedding points to, per class
 
 
-def write_toy_shards(root, counts):
-    """Solid 16 px images whose grey level encodes the class (PNG: lossless)."""
+def grey_image(y: int) -> np.ndarray:
+    """A solid 16 px image whose grey level encodes the class."""
+    return np.full((16, 16, 3), 40 * y + 20, np.uint8)
+
+
+def block_image(y: int) -> np.ndarray:
+    """A black 16 px image with a white 4 px block at a place of the class's own (classes
+    are linearly separable in pixels, also after downsampling to 8 px)."""
+    im = np.zeros((16, 16, 3), np.uint8)
+    r, c = divmod(y, 4)
+    im[4 * r : 4 * r + 4, 4 * c : 4 * c + 4] = 255
+    return im
+
+
+def write_toy_shards(root, counts, split="test", image=grey_image):
+    """Toy shards `toy-<split>-*.tfrecord` (PNG: lossless), class names and groups."""
     from input_pipeline.records import encode_example
     from input_pipeline.tfrecord import TFRecordWriter
 
     labels = np.repeat(np.arange(len(counts)), counts)
-    with TFRecordWriter(str(root / "toy-test-00000-of-00001.tfrecord")) as writer:
+    with TFRecordWriter(str(root / f"toy-{split}-00000-of-00001.tfrecord")) as writer:
         for i, y in enumerate(labels):
             buf = io.BytesIO()
-            Image.fromarray(np.full((16, 16, 3), 40 * y + 20, np.uint8)).save(buf, format="PNG")
+            Image.fromarray(image(y)).save(buf, format="PNG")
             caption = f"a picture of a {CLASSES[y]}"
             writer.write(
                 encode_example(image=buf.getvalue(), texts=[caption], label=int(y), id=str(i))
@@ -157,3 +171,167 @@ def test_probe_counts_test_classes_absent_from_train_as_wrong(caplog):
     assert out["top1"] == pytest.approx(15 / 20)  # classes 0-2 separable, class 3 unseen
     assert out["mean_per_class"] == pytest.approx(3 / 4)
     assert "5 of 20 test records (1 classes)" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------
+# the ridge-map baseline
+
+
+def test_fit_ridge_matches_an_independent_closed_form():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(80, 6))
+    y = x @ rng.normal(size=(6, 3)) + rng.normal(size=3) + 0.3 * rng.normal(size=(80, 3))
+
+    def augmented(x, y, alpha):  # [x 1] theta, penalty on every weight but the bias
+        z = np.hstack([x, np.ones((len(x), 1))])
+        penalty = alpha * np.diag([1.0] * x.shape[1] + [0.0])
+        theta = np.linalg.solve(z.T @ z + penalty, z.T @ y)
+        return theta[:-1], theta[-1]
+
+    alphas = (1e-3, 0.3, 3.0, 30.0, 300.0)
+    w, b, alpha, scores = baselines.fit_ridge(x, y, alphas, val_fraction=0.25, seed=3)
+    fit, val = baselines.holdout_split(80, 0.25, 3)
+    assert len(val) == 20 and not set(fit) & set(val) and len(fit) + len(val) == 80
+    mse = {}
+    for a in alphas:
+        wa, ba = augmented(x[fit], y[fit], a)
+        mse[a] = np.mean((x[val] @ wa + ba - y[val]) ** 2)
+    assert alpha == min(mse, key=mse.get)
+    assert scores == pytest.approx(mse, rel=1e-9)
+    w_ref, b_ref = augmented(x, y, alpha)  # refit on all of x
+    np.testing.assert_allclose(w, w_ref, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(b, b_ref, rtol=1e-8, atol=1e-10)
+    heavy, _ = baselines.ridge_solve(x, y, 1e9)
+    assert np.abs(heavy).max() < 1e-6  # strong penalty: only the (unpenalised) bias is left
+
+
+def test_caption_targets_average_normalised_captions():
+    table = {"a": [3.0, 0.0], "b": [0.0, 2.0], "c": [1.0, 1.0]}
+
+    class Texts:
+        def text_embeddings(self, texts):
+            return np.asarray([table[t] for t in texts], np.float32)
+
+    targets, kept = baselines.caption_targets(Texts(), [["a", "b"], [], ["c"]])
+    np.testing.assert_array_equal(kept, [0, 2])  # the image without captions is left out
+    np.testing.assert_allclose(targets, [[0.5, 0.5], [2**-0.5, 2**-0.5]], rtol=1e-6)
+
+
+class ClassTextEncoder:
+    """A "pretrained" text tower: a caption or prompt naming class c -> the one-hot of c.
+    Its image tower is deliberately useless (a constant), so only baselines can score."""
+
+    has_text = True
+
+    def __init__(self):
+        self.texts = 0
+
+    def image_features(self, images):
+        emb = np.tile(np.eye(8, dtype=np.float32)[7], (len(images), 1))
+        return {"emb": emb, "feature": images.reshape(len(images), -1)[:, :4].astype(np.float32)}
+
+    def text_embeddings(self, texts):
+        self.texts += len(texts)
+        out = np.zeros((len(texts), 8), np.float32)
+        for i, t in enumerate(texts):
+            out[i, next(c for c, name in enumerate(CLASSES) if name in t)] = 1.0
+        return out
+
+
+def test_ridge_map_baseline_end_to_end(tmp_path, monkeypatch):
+    write_toy_shards(tmp_path, [8, 8, 8, 8, 8, 8], "train", block_image)
+    write_toy_shards(tmp_path, [2, 3, 1, 2, 2, 3], "test", block_image)
+    common = dict(image_size=16, raw_pixel_size=8, batch_size=32, plots=False)
+    test, train = (str(tmp_path / f"toy-{s}-*.tfrecord") for s in ("test", "train"))
+    names = str(tmp_path / "toy-classnames.json")
+    cfg = {
+        "zs": dict(type="zero_shot", shards=test, classnames=names, **common),
+        "ret": dict(type="retrieval", shards=test, **common),
+        "nn": dict(type="knn", train_shards=train, test_shards=test, layers=("feature",), k=3),
+    }
+    cfg["nn"].update(common)
+    ridge = baselines.RidgeMap(
+        shards=train,
+        text_id="toy@0",
+        limit=None,
+        image_size=16,
+        raw_pixel_size=8,
+        alphas=(1e-3, 10.0),
+        val_fraction=0.25,
+    )
+    runner.clear_cache()
+    baselines._RIDGE_FITS.clear()
+    enc = ClassTextEncoder()
+    workdir = str(tmp_path / "w")
+    out = runner.run_evals(cfg, enc, workdir=workdir, step=1, ridge_map=ridge)
+    data = json.load(open(tmp_path / "w" / "eval" / "latest.json"))
+    ridge_metrics = data["baselines"]["ridge_map"]
+    # linear in pixels by construction: the map finds each class's text exactly
+    assert ridge_metrics["zs/top1"] == 1.0 and ridge_metrics["ret/img2txt_class_R@1"] == 1.0
+    assert out["zs/top1"] < 0.5  # the constant image tower
+    assert not any(k.startswith("nn/") for k in ridge_metrics)  # text evaluations only
+    md = open(tmp_path / "w" / "eval" / "latest.md").read()
+    assert "| eval | metric | trained | raw pixels | random init | ridge map |" in md
+    assert "| zs | top1 | " in md and md.split("| zs | top1 | ")[1].split("\n")[0].endswith("| 1 |")
+    assert "| nn | feature/top1 |" in md
+
+    # cached by the text tower's identity: the same id refits nothing, a new one refits
+    built = []
+    real_build = baselines.RidgeMap.build
+    monkeypatch.setattr(
+        baselines.RidgeMap,
+        "build",
+        lambda self, e: built.append(self.text_id) or real_build(self, e),
+    )
+    runner.run_evals(cfg, enc, workdir=workdir, step=2, ridge_map=ridge)
+    assert built == []
+    import dataclasses
+
+    tuned = dataclasses.replace(ridge, text_id="toy@1")
+    runner.run_evals(cfg, enc, workdir=workdir, step=3, ridge_map=tuned)
+    assert built == ["toy@1"]
+    keys = json.load(open(tmp_path / "w" / "eval" / "baselines.json"))
+    assert len([k for k in keys if k.startswith("zs/ridge_map/")]) == 2
+
+
+def test_report_shows_the_ridge_column_only_when_there_is_one(tmp_path):
+    from mmssl_jax.evaluation import report
+
+    metrics = {"zs/top1": 0.5, "probe/emb/top1": 0.9}
+    base = {
+        "raw_pixels": {"probe/emb/top1": 0.8},
+        "random_init": {"zs/top1": 0.1, "probe/emb/top1": 0.3},
+        "ridge_map": {"zs/top1": 0.25},
+    }
+    paths = report.write_report(str(tmp_path), 3, metrics, base)
+    md = open(paths["md"]).read()
+    assert "| eval | metric | trained | raw pixels | random init | ridge map |" in md
+    assert "| zs | top1 | 0.5 | - | 0.1 | 0.25 |" in md
+    assert "| probe | emb/top1 | 0.9 | 0.8 | 0.3 | - |" in md
+    row = json.load(open(paths["json"]))["rows"][0]
+    assert row["ridge_map"] == 0.25
+    paths = report.write_report(str(tmp_path), 4, metrics, {**base, "ridge_map": {}})
+    md = open(paths["md"]).read()
+    assert "ridge map" not in md and "| zs | top1 | 0.5 | - | 0.1 |" in md
+
+
+def test_the_hook_offers_the_ridge_map_only_for_a_pretrained_text_tower():
+    import ml_collections
+
+    from configs.tiny_clip import get_config
+    from mmssl_jax.evaluation import hook
+
+    config = get_config("text=bert")
+    variables = {"params": {"text_encoder": {"w": np.ones(3, np.float32)}, "img": np.ones(2)}}
+    bert = dict(text_encoder="bert", text_pretrained=True, text_path="all-minilm-l6-v2")
+    made = hook.ridge_map_for(config, bert, variables)
+    assert made.shards == config.eval_baselines.ridge_map.shards
+    assert made.text_id.startswith("all-minilm-l6-v2@")
+    assert hook.ridge_map_for(config, {**bert, "text_pretrained": False}, variables) is None
+    assert hook.ridge_map_for(config, {**bert, "text_encoder": "text_tiny"}, variables) is None
+    tuned = {"params": {**variables["params"], "text_encoder": {"w": np.full(3, 2.0)}}}
+    other_image = {"params": {**variables["params"], "img": np.zeros(2)}}
+    assert hook.ridge_map_for(config, bert, tuned).text_id != made.text_id
+    assert hook.ridge_map_for(config, bert, other_image).text_id == made.text_id
+    bare = ml_collections.ConfigDict({"evals": {}})
+    assert hook.ridge_map_for(bare, bert, variables) is None
