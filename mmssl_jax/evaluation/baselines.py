@@ -184,9 +184,10 @@ _RIDGE_FITS: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # per process, by id
 
 @dataclasses.dataclass(frozen=True)
 class RidgeMap:
-    """The ridge-map baseline's settings: an image-text training split (`shards`, its first
-    `limit` records at `image_size`), the pixel side, the alpha grid, the held-out fraction,
-    and `text_id`, the identity of the text tower it maps into (path + parameter hash)."""
+    """The ridge-map baseline's settings: an image-text training split (`shards`; a seeded
+    random `limit` of its records, at `image_size`), the pixel side, the alpha grid, the
+    held-out fraction, and `text_id`, the identity of the text tower it maps into (path +
+    parameter hash)."""
 
     shards: str
     text_id: str
@@ -197,6 +198,13 @@ class RidgeMap:
     val_fraction: float = 0.2
     seed: int = 0
     batch_size: int = 256
+
+    def subset(self, n: int) -> np.ndarray:
+        """The records it fits on: all n, or a seeded random `limit` of them in file order
+        (shards are often ordered by class: the emoji's first 1000 hold 26 of 99 subgroups)."""
+        if self.limit is None or self.limit >= n:
+            return np.arange(n)
+        return np.sort(np.random.default_rng(self.seed).choice(n, self.limit, replace=False))
 
     def identity(self) -> dict:
         """What its metrics depend on (part of their cache key)."""
@@ -213,12 +221,13 @@ class RidgeMap:
             from mmssl_jax.evaluation.context import shard_paths
 
             arrays = build_eval_arrays(
-                shard_paths("ridge_map", "shards", self.shards),
-                image_size=self.image_size,
-                limit=self.limit,
+                shard_paths("ridge_map", "shards", self.shards), image_size=self.image_size
             )
-            targets, kept = caption_targets(text_encoder, arrays["texts"], self.batch_size)
-            x = RawPixelEncoder(self.raw_pixel_size).image_features(arrays["image"][kept])
+            rows = self.subset(len(arrays["image"]))
+            captions = [arrays["texts"][i] for i in rows]
+            targets, kept = caption_targets(text_encoder, captions, self.batch_size)
+            pixels = RawPixelEncoder(self.raw_pixel_size)
+            x = pixels.image_features(arrays["image"][rows[kept]])
             w, b, alpha, scores = fit_ridge(
                 x["feature"], targets, self.alphas, val_fraction=self.val_fraction, seed=self.seed
             )

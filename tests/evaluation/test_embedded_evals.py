@@ -335,3 +335,12 @@ def test_the_hook_offers_the_ridge_map_only_for_a_pretrained_text_tower():
     assert hook.ridge_map_for(config, bert, other_image).text_id == made.text_id
     bare = ml_collections.ConfigDict({"evals": {}})
     assert hook.ridge_map_for(bare, bert, variables) is None
+
+
+def test_ridge_map_fits_on_a_seeded_random_subset_not_the_first_records():
+    ridge = baselines.RidgeMap(shards="x", text_id="t", limit=10, seed=1)
+    rows = ridge.subset(100)
+    assert len(set(rows)) == 10 and list(rows) == sorted(rows) and rows.max() > 50
+    np.testing.assert_array_equal(rows, ridge.subset(100))  # deterministic
+    np.testing.assert_array_equal(ridge.subset(7), np.arange(7))  # fewer than limit: all
+    assert "seed" in ridge.identity() and "batch_size" not in ridge.identity()
