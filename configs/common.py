@@ -7,6 +7,7 @@ copied between files. `arg` is an optional "key=value,key=value" string, e.g.
 
 from __future__ import annotations
 
+import glob
 import os
 
 import ml_collections
@@ -100,30 +101,74 @@ def embedded_sources(
 
 
 def embedded_evals(root: str = DATA_ROOT, image_size: int = 32) -> dict:
-    """Zero-shot on held-out emoji, Fashion-MNIST linear probe, emoji retrieval."""
+    """The evaluations of the embedded data, sized for the quick start's budget (2 cores).
+
+    - emoji_zero_shot / emoji_group_zero_shot: held-out emoji (split by base emoji) over the
+      99 subgroups / their 9 groups (`label_map`: emoji-groups.json), template set `emoji`.
+    - fashion_zero_shot: the Fashion-MNIST test split, 10 classes, template set `fashion`.
+    - emoji_retrieval (+ openclipart_retrieval when its shards exist): held-out captions.
+    - emoji_linear_probe: train on emoji train, test on held-out emoji, 99 subgroups (test
+      holds only some of them; see linear_probe.py); fashion_linear_probe beside it.
+    Every zero-shot averages its template set's prompts per class (zero_shot.py).
+    """
+    emoji_train = f"{root}/emoji/emoji-train-*.tfrecord"
     emoji_test = f"{root}/emoji/emoji-test-*.tfrecord"
     emoji_names = f"{root}/emoji/emoji-classnames.json"
-    return {
+    fashion = f"{root}/fashion_mnist/fashion_mnist"
+    evals = {
         "emoji_zero_shot": dict(
             type="zero_shot",
             shards=emoji_test,
             classnames=emoji_names,
-            templates="simple",
+            templates="emoji",
             image_size=image_size,
+        ),
+        "emoji_group_zero_shot": dict(
+            type="zero_shot",
+            shards=emoji_test,
+            classnames=emoji_names,
+            label_map=f"{root}/emoji/emoji-groups.json",
+            templates="emoji",
+            image_size=image_size,
+        ),
+        "fashion_zero_shot": dict(
+            type="zero_shot",
+            shards=f"{fashion}-test-*.tfrecord",
+            classnames=f"{fashion}-classnames.json",
+            templates="fashion",
+            image_size=image_size,
+            limit=2000,
         ),
         # Captions: the CLDR name of each held-out emoji (one per image, 766-way).
         "emoji_retrieval": dict(
             type="retrieval", shards=emoji_test, image_size=image_size, captions=1
         ),
+        "emoji_linear_probe": dict(
+            type="linear_probe",
+            train_shards=emoji_train,
+            test_shards=emoji_test,
+            classnames=emoji_names,
+            image_size=image_size,
+            raw_pixel_size=8,
+            Cs=(0.1, 1.0),
+            max_iter=300,
+        ),
         "fashion_linear_probe": dict(
             type="linear_probe",
-            train_shards=f"{root}/fashion_mnist/fashion_mnist-train-*.tfrecord",
-            test_shards=f"{root}/fashion_mnist/fashion_mnist-test-*.tfrecord",
+            train_shards=f"{fashion}-train-*.tfrecord",
+            test_shards=f"{fashion}-test-*.tfrecord",
             image_size=image_size,
             train_limit=10000,
             test_limit=2000,
         ),
     }
+    # OpenClipArt is optional data (tools/make_shards.py): evaluated when its shards exist.
+    clipart_test = f"{root}/openclipart/openclipart-test-*.tfrecord"
+    if glob.glob(clipart_test):
+        evals["openclipart_retrieval"] = dict(
+            type="retrieval", shards=clipart_test, image_size=image_size, limit=1000, captions=1
+        )
+    return evals
 
 
 def topic_sources(root: str = DATA_ROOT, kind: str = "lda") -> dict:
@@ -332,6 +377,23 @@ def recipe(
         )
     )
     config.evals = ml_collections.ConfigDict(embedded_evals(args.data, s["image_size"]))
+    if needs_text:
+        # The ridge-map baseline of the text evaluations (evaluation/baselines.py): pixels of
+        # `limit` emoji training images (a seeded random subset) -> the text tower's space;
+        # embedding their ~3 captions each costs about 30 s on 2 cores with MiniLM at 1000.
+        # The hook runs it only with a pretrained text tower (text=bert).
+        config.eval_baselines = ml_collections.ConfigDict(
+            dict(
+                ridge_map=dict(
+                    shards=f"{args.data}/emoji/emoji-train-*.tfrecord",
+                    limit=1000,
+                    image_size=s["image_size"],
+                    raw_pixel_size=16,
+                    alphas=(0.1, 1.0, 10.0, 100.0, 1000.0),
+                    val_fraction=0.2,
+                )
+            )
+        )
     if not tiny and needs_text:  # CLIP's BPE ids: pad 0 is "!", so pool at EOT = argmax
         config.model.text_overrides = {"pool": "argmax"}
     if args.text != "own" and needs_text:

@@ -7,6 +7,10 @@ with one `{}` for the class name:
   and ensembling"), e.g. "a bad photo of a {}.".
 - `imagenet7`: the 7-prompt subset SLIP uses for ImageNet zero-shot ("itap of a {}.", ...).
 - `simple`: the single prompt "a photo of a {}.".
+- `emoji`: six prompts for emoji and clip art ("an emoji of {}.", "a {} emoji.", the bare
+  name, "an icon of {}.", ...), the zero-shot set of the embedded emoji evaluations.
+- `fashion`: six prompts for Fashion-MNIST's 28 px grayscale product photos ("a black and
+  white photo of a {}.", "a low resolution photo of a {}.", ...).
 
 `load_templates` also accepts a path to such a JSON file, so a dataset can bring its own set.
 """

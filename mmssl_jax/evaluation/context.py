@@ -218,6 +218,8 @@ class EvalCall:
         return self._features[key]
 
     def texts(self, encoder: Encoder, texts: list[str], cfg: Mapping, key: Any) -> np.ndarray:
+        # An encoder that borrows another's text tower (the ridge map) shares its texts.
+        encoder = getattr(encoder, "text_source", encoder)
         key = (id(encoder), key)
         if key not in self._texts:
             self._alive.append(encoder)
@@ -254,13 +256,21 @@ def draw(call: EvalCall, name: str, what: str, plot: Callable[[], str | None]) -
         logging.warning("evals.%s: %s not plotted: %s: %s", name, what, type(e).__name__, e)
 
 
-def tsne(call: EvalCall, name: str, cfg: Mapping, emb: np.ndarray, labels: np.ndarray) -> None:
-    """A t-SNE map of `emb` coloured by `labels`, when the eval's config asks for plots."""
+def tsne(
+    call: EvalCall,
+    name: str,
+    cfg: Mapping,
+    emb: np.ndarray,
+    labels: np.ndarray,
+    names: Sequence | None = None,
+) -> None:
+    """A t-SNE map of `emb` coloured by `labels`, when the eval's config asks for plots
+    (legend: `names`, else the eval's class names and groups, see plot_labels)."""
     if call.write and cfg["plots"] and cfg["tsne"]:
         from mmssl_jax.evaluation import plots as plots_lib
 
         def plot() -> str:
-            classnames, groups = plot_labels(cfg)
+            classnames, groups = (names, None) if names is not None else plot_labels(cfg)
             return plots_lib.plot_embedding_map(
                 emb,
                 labels,

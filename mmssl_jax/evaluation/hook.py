@@ -8,12 +8,15 @@ only the checkpoint's model variables and the evaluation data, never the trainin
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
+from mmssl_jax.evaluation.baselines import RidgeMap
 from mmssl_jax.evaluation.model_encoder import ModelEncoder
 from mmssl_jax.evaluation.runner import run_evals
 from mmssl_jax.models.registry import build_model
@@ -28,6 +31,37 @@ def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
     return variables
 
 
+def params_hash(tree: Any) -> str:
+    """A short hash of a parameter tree's paths, shapes, dtypes and values."""
+    digest = hashlib.sha1()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        value = np.ascontiguousarray(jax.device_get(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}:{value.shape}:{value.dtype}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def ridge_map_for(config: Any, model_cfg: Mapping, variables: Mapping[str, Any]) -> RidgeMap | None:
+    """The ridge-map baseline of `config.eval_baselines.ridge_map` into this model's text
+    tower, or None: it needs a pretrained text tower (model.text_encoder "bert" with
+    model.text_pretrained), whose target space the image tower did not shape (baselines.py)."""
+    settings = (config.get("eval_baselines") or {}).get("ridge_map")
+    if not settings or not settings.get("shards"):
+        return None
+    pretrained = model_cfg.get("text_encoder") == "bert" and model_cfg.get("text_pretrained")
+    if not pretrained:
+        logging.info("ridge-map baseline not run: the text tower is not a pretrained one")
+        return None
+    params = variables["params"].get("text_encoder")
+    if params is None:
+        return None
+    text_id = f"{model_cfg.get('text_path', '')}@{params_hash(params)}"
+    kwargs = dict(settings.to_dict() if hasattr(settings, "to_dict") else settings)
+    if "alphas" in kwargs:
+        kwargs["alphas"] = tuple(float(a) for a in kwargs["alphas"])
+    return RidgeMap(text_id=text_id, **kwargs)
+
+
 def make_evaluate(
     config: Any,
     workdir: str,
@@ -38,7 +72,8 @@ def make_evaluate(
     mesh: Any = None,
 ) -> Callable[[Any, int], dict[str, float]]:
     """`evaluate(state_or_variables, step) -> metrics`: `config.evals` on the model, beside
-    raw pixels and the same architecture at random init; writes `workdir/eval/`."""
+    raw pixels, the same architecture at random init and (text evaluations, a pretrained
+    text tower) the ridge map into its text space; writes `workdir/eval/`."""
     if tokenizer is None and model.text_encoder is not None:
         tokenizer = open_tokenizer(config)
     length = model_cfg.get("context_length", config.data.text_length)
@@ -70,6 +105,7 @@ def make_evaluate(
             workdir=workdir,
             step=int(step),
             random_encoder=random_encoder,
+            ridge_map=ridge_map_for(config, model_cfg, variables),
         )
 
     return evaluate

@@ -47,7 +47,8 @@ metrics) to a ConfigDict:
                    finetune.py); no raw-pixel baseline                   -> top1
 
 Returns the trained model's metrics flat, "<name>/<metric>". Written by process 0 under
-`<workdir>/eval/`: the results table (see report.py) with both baselines beside each metric,
+`<workdir>/eval/`: the results table (see report.py) with the baselines beside each metric
+(raw pixels, random init, and the ridge map for zero_shot/retrieval when given one),
 `history.jsonl` (one line per call), `baselines.json` (their cache, see baselines.py), and
 `plots/`: `<name>_confusion_step_<N>.png`, `<name>_tsne_step_<N>.png`, `eval_curves.png`
 (every eval metric over steps, its baselines as reference lines) and `train_curves.png`
@@ -185,13 +186,17 @@ def _plot_curves(
     try:
         keys = [k for k in metrics if not k.endswith(("/C", "/num_classes", "/val_top1"))]
         out = os.path.join(call.plot_dir, "eval_curves.png")
-        names = {baselines_lib.RANDOM_INIT: "random init", baselines_lib.RAW_PIXELS: "raw pixels"}
+        names = {
+            baselines_lib.RANDOM_INIT: "random init",
+            baselines_lib.RAW_PIXELS: "raw pixels",
+            baselines_lib.RIDGE_MAP: "ridge map",
+        }
         call.add_plot(
             plots_lib.plot_curves(
                 history,
                 out,
                 panels=plots_lib.eval_panels(keys),
-                baselines={names[kind]: base.get(kind, {}) for kind in names},
+                baselines={names[kind]: base[kind] for kind in names if base.get(kind)},
                 cols=3,
                 title=f"evaluation (latest: step {call.step})",
             )
@@ -267,13 +272,17 @@ def run_evals(
     workdir: str,
     step: int,
     random_encoder: Encoder | Callable[[], Encoder] | None = None,
+    ridge_map: baselines_lib.RidgeMap | None = None,
 ) -> EvalResults:
     """Runs every evaluation in `evals_cfg` (schema in the module docstring) on `encoder`,
     with baselines; writes the report and plots under `<workdir>/eval/` (process 0 only).
 
     `random_encoder` is the same architecture at random init (or a zero-argument factory for
-    it); None skips that baseline. Returns {"<name>/<metric>": value} for the trained model,
-    with `.skipped` {name: reason} for the evaluations that could not run (see cannot_run).
+    it); None skips that baseline. `ridge_map` adds the ridge-map baseline to the text
+    evaluations, fit (once, and only when a result is not cached) into `encoder`'s text
+    tower (see baselines.py); None skips it. Returns {"<name>/<metric>": value} for the
+    trained model, with `.skipped` {name: reason} for the evaluations that could not run
+    (see cannot_run).
     """
     configs = {name: normalize_config(name, cfg) for name, cfg in evals_cfg.items()}
     for name, cfg in configs.items():
@@ -282,6 +291,8 @@ def run_evals(
     call = EvalCall(workdir, step, write)
     cache = baselines_lib.BaselineCache(workdir, write=write)
     random_factory = _lazy(random_encoder)
+    ridge_factory = _lazy(lambda: ridge_map.build(encoder)) if ridge_map is not None else None
+    ridge_id = ridge_map.identity() if ridge_map is not None else None
     metrics: dict[str, float] = {}
     base: dict[str, dict[str, float]] = {k: {} for k in baselines_lib.KINDS}
     skipped: dict[str, str] = {}  # name -> why it cannot run on its data
@@ -322,6 +333,8 @@ def run_evals(
                     random_factory,
                     cache,
                     raw_pixel_size=cfg["raw_pixel_size"],
+                    ridge_map=ridge_factory,
+                    ridge_id=ridge_id,
                 )
         except ValueError as e:
             reason = cannot_run(name, e)

@@ -4,6 +4,12 @@ A class embedding is the mean of the L2-normalised text embeddings of every (tem
 synonym) prompt for that class, L2-normalised again. Images are scored by `img @ cls.T`
 without a logit scale (it does not change the ranking). Reported: top-1, top-5 and mean
 per-class accuracy (the metric SLIP uses for aircraft, pets, caltech101 and flowers).
+
+`label_map` turns a fine-grained label set into a coarse one: a JSON {"groups": [names],
+"group_of_label": [group index per class]} (the emoji shards' `emoji-groups.json`) replaces
+each record's label by its class's group and makes the group names the zero-shot classes,
+so the same shards give a 99-subgroup and a 9-group task. (The common `groups` key only
+colours plots and is not part of the cache key; `label_map` changes the task, and is.)
 """
 
 from __future__ import annotations
@@ -100,9 +106,26 @@ def evaluate(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray) -
     return ZeroShotResult(metrics, predictions, logits)
 
 
+def map_labels(
+    labels: np.ndarray, classnames: Sequence[ClassName], label_map: str | None
+) -> tuple[np.ndarray, list]:
+    """(labels, class names) of the task: unchanged without `label_map`, else every label
+    replaced by its group (a JSON {"groups", "group_of_label"}) and the groups as classes."""
+    labels = np.asarray(labels)
+    if not label_map:
+        return labels, list(classnames)
+    names, group_of = context.load_groups(label_map)
+    if len(group_of) != len(classnames):
+        raise ValueError(
+            f"{label_map}: group_of_label has {len(group_of)} entries for {len(classnames)} "
+            "classes (is it the groups file of these class names?)"
+        )
+    return np.asarray(group_of, np.int64)[labels], names
+
+
 # ---- the evaluator entry (type "zero_shot", found by name: see runner.py) ----
 
-DEFAULTS = dict(shards=None, templates="simple")
+DEFAULTS = dict(shards=None, templates="simple", label_map=None)
 SPLITS = ("shards",)  # the shard keys it reads
 NEEDS_TEXT = True  # skipped (with a warning) for an encoder without a text tower
 RAW_PIXELS = True  # whether the raw-pixel baseline applies
@@ -117,15 +140,18 @@ def run(call, name, cfg, encoder, rows, artifacts) -> dict[str, float]:
     feats = call.features(encoder, arrays, cfg, f"{name} images")
     if "emb" not in feats:
         raise ValueError(f"evals.{name}: zero-shot needs the encoder's 'emb' output")
-    classnames = context.load_classnames(cfg["classnames"])
+    labels, classnames = map_labels(
+        np.asarray(arrays["label"])[keep],
+        context.load_classnames(cfg["classnames"]),
+        cfg["label_map"],
+    )
     templates = load_templates(cfg["templates"])
     class_emb = class_embeddings(
-        lambda texts: call.texts(encoder, texts, cfg, ("classes", cfg["classnames"], tuple(texts))),
+        lambda texts: call.texts(encoder, texts, cfg, ("classes", tuple(texts))),
         classnames,
         templates,
         prompts_for,
     )
-    labels = np.asarray(arrays["label"])[keep]
     result = evaluate(feats["emb"][keep], class_emb, labels)
     if artifacts and call.write and cfg["plots"]:
         from mmssl_jax.evaluation import plots
@@ -142,5 +168,6 @@ def run(call, name, cfg, encoder, rows, artifacts) -> dict[str, float]:
                 title=f"{name}: zero-shot confusion (step {call.step})",
             ),
         )
-        context.tsne(call, name, cfg, feats["emb"][keep], labels)
+        names = classnames if cfg["label_map"] else None  # the plot labels of the task
+        context.tsne(call, name, cfg, feats["emb"][keep], labels, names=names)
     return result.metrics

@@ -361,7 +361,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-PATH_KEYS = ("shards", "train_shards", "test_shards", "classnames")
+PATH_KEYS = ("shards", "train_shards", "test_shards", "classnames", "label_map", "groups")
 
 
 def _absolute(value: str) -> str:
@@ -384,6 +384,9 @@ def pin_paths(config: ml_collections.ConfigDict, workdir: str, copy_tokenizer: b
         templates = evaluation.get("templates")
         if templates and str(templates).endswith(".json"):
             evaluation["templates"] = _absolute(templates)
+    ridge = (config.get("eval_baselines") or {}).get("ridge_map")
+    if ridge and ridge.get("shards"):
+        ridge.shards = _absolute(ridge.shards)
     init = config.get("init_from")
     if init and init.get("path") and os.path.exists(init.path):
         init.path = os.path.abspath(init.path)
