@@ -12,7 +12,8 @@ stopped half-way resumes from its checkpoint, so a long comparison survives a st
 same command again. A progress bar counts cells, with the rate of the cells run so far.
 
 Writes OUTPUT/reproduce.json (every cell, and mean/std per method), OUTPUT/reproduce.md (the
-table, mean +- std over seeds, with the baselines: raw pixels, random init) and
+table, mean +- std over seeds, with the baselines: raw pixels, random init, and the ridge map
+into a pretrained text tower's space, each from the first cell that computed it) and
 OUTPUT/reproduce.png (one panel per column, a bar per method with its seeds' spread, the
 baselines drawn as lines).
 """
@@ -40,7 +41,7 @@ METHODS: dict[str, tuple[str, str, str]] = {
 }
 DEFAULT_METHODS = ("clip", "simclr", "slip", "unicl", "clip_bert")
 CELL_FILE = "cell.json"
-BASELINES = ("raw_pixels", "random_init")
+BASELINES = ("raw_pixels", "random_init", "ridge_map")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -55,8 +56,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def cell_config(args: argparse.Namespace, method: str, seed: int):
-    """The config of one cell: the method's tiny recipe, `seed` for init and data order."""
+def cell_config(args: argparse.Namespace, method: str, seed: int, baselines: bool = True):
+    """The config of one cell: the method's tiny recipe, `seed` for init and data order;
+    `baselines=False` skips the evaluator's baselines (one cell per method computes them:
+    random init depends on the architecture and seed only, raw pixels on nothing trained)."""
     module, extra, _ = METHODS[method]
     arg = ",".join(filter(None, [f"data={args.data}", extra]))
     config = importlib.import_module(f"configs.{module}").get_config(arg)
@@ -70,6 +73,9 @@ def cell_config(args: argparse.Namespace, method: str, seed: int):
     for item in args.override:
         key, _, value = item.partition("=")
         set_path(config, key, value)
+    if not baselines:
+        for name in config.evals:
+            config.evals[name]["baselines"] = False
     return config
 
 
@@ -87,7 +93,7 @@ def set_path(config, key: str, value: str) -> None:
         node[last] = value
 
 
-def run_cell(args: argparse.Namespace, method: str, seed: int) -> dict:
+def run_cell(args: argparse.Namespace, method: str, seed: int, baselines: bool = True) -> dict:
     """Trains (or resumes) and evaluates one cell; returns and writes its cell.json."""
     from mmssl_jax.evaluation import hook
     from mmssl_jax.training.trainer import Trainer
@@ -97,7 +103,7 @@ def run_cell(args: argparse.Namespace, method: str, seed: int) -> dict:
     if os.path.exists(done):
         with open(done) as f:
             return json.load(f)
-    config = cell_config(args, method, seed)
+    config = cell_config(args, method, seed, baselines)
     start = time.perf_counter()
     trainer = Trainer(config, workdir)
     trainer.run()
@@ -218,7 +224,7 @@ def plot(summary: dict, base: dict, names: list[str], path: str) -> None:
         stds = [100 * summary[m].get(name, {}).get("std", 0.0) for m in methods]
         x = np.arange(len(methods))
         ax.bar(x, means, yerr=np.nan_to_num(stds), capsize=3, color="tab:blue")
-        for kind, style in zip(BASELINES, ("--", ":"), strict=True):
+        for kind, style in zip(BASELINES, ("--", ":", "-."), strict=True):
             if name in base[kind]:
                 ax.axhline(
                     100 * base[kind][name], color="gray", ls=style, label=kind.replace("_", " ")
@@ -255,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     with tqdm(total=len(todo), initial=sum(finished.values()), desc="cells", unit="cell") as bar:
         for method, seed in todo:
             bar.set_postfix_str(f"{method} seed {seed}")
-            cells.append(run_cell(args, method, seed))
+            first = seed == seeds[0]  # one cell per method computes the baselines
+            cells.append(run_cell(args, method, seed, baselines=first))
             write_outputs(args, cells, command)
             if not finished[(method, seed)]:
                 bar.update(1)

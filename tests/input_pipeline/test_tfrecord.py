@@ -148,7 +148,7 @@ def test_source_held_at_exit_prints_nothing(tmp_path):
     import sys
 
     path = _write(tmp_path / "held.tfrecord", [b"x"])
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     result = subprocess.run(
         [sys.executable, "-c", _HOLD_AT_EXIT, root, path], capture_output=True, text=True
     )
