@@ -53,6 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=-1, help="> 0: steps per cell (same for all)")
     p.add_argument("--batch_size", type=int, default=-1, help="> 0: batch size of every cell")
     p.add_argument("--override", action="append", default=[], help="key=value for every cell")
+    p.add_argument("--evals", default="", help="comma-separated: keep only these config.evals")
     return p.parse_args(argv)
 
 
@@ -73,6 +74,12 @@ def cell_config(args: argparse.Namespace, method: str, seed: int, baselines: boo
     for item in args.override:
         key, _, value = item.partition("=")
         set_path(config, key, value)
+    if args.evals:
+        keep = args.evals.split(",")
+        unknown = sorted(set(keep) - set(config.evals))
+        if unknown:
+            raise SystemExit(f"--evals: unknown {unknown}; the config has {sorted(config.evals)}")
+        config.evals = {name: config.evals[name] for name in keep}
     if not baselines:
         for name in config.evals:
             config.evals[name]["baselines"] = False
