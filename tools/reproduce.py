@@ -203,7 +203,7 @@ def write_outputs(args: argparse.Namespace, cells: list[dict], command: str) -> 
             + " | ".join(row)
             + f" | {sum(minutes) / len(minutes):.1f} |"
         )
-    for kind in BASELINES:
+    for kind in (k for k in BASELINES if any(n in base[k] for n in names)):
         row = [f"{100 * base[kind][n]:.1f}" if n in base[kind] else "-" for n in names]
         lines.append(f"| *{kind.replace('_', ' ')}* | " + " | ".join(row) + " | |")
     with open(os.path.join(args.output, "reproduce.md"), "w") as f:
@@ -212,8 +212,8 @@ def write_outputs(args: argparse.Namespace, cells: list[dict], command: str) -> 
 
 
 def plot(summary: dict, base: dict, names: list[str], path: str) -> None:
-    """One panel per metric: a bar per method (mean, error bar = std over seeds), the
-    baselines as dashed lines."""
+    """One panel per metric: a bar per method (mean, error bar = std over seeds, n seeds in
+    its label), the baselines as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,7 +236,13 @@ def plot(summary: dict, base: dict, names: list[str], path: str) -> None:
                 ax.axhline(
                     100 * base[kind][name], color="gray", ls=style, label=kind.replace("_", " ")
                 )
-        ax.set_xticks(x, methods, rotation=30, ha="right")
+        seeds = [summary[m].get(name, {}).get("n", 0) for m in methods]
+        ax.set_xticks(
+            x,
+            [f"{m} (n={n})" for m, n in zip(methods, seeds, strict=True)],
+            rotation=30,
+            ha="right",
+        )
         ax.set_title(name, fontsize=9)
         ax.set_ylabel("%")
         if any(name in base[k] for k in BASELINES):
