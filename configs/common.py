@@ -61,6 +61,19 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return out
 
 
+def train_source(
+    root: str, name: str, weight: float, use_labels: bool = False, templates: str = "simple"
+) -> dict:
+    """One `data.sources` entry: ROOT/NAME/NAME-train-*.tfrecord with its class names."""
+    return dict(
+        shards=f"{root}/{name}/{name}-train-*.tfrecord",
+        weight=weight,
+        classnames=f"{root}/{name}/{name}-classnames.json",
+        use_labels=use_labels,
+        prompt_templates=templates,
+    )
+
+
 def embedded_sources(
     root: str = DATA_ROOT, fashion_weight: float = 0.0, openclipart_weight: float = 0.0
 ) -> dict:
@@ -72,31 +85,13 @@ def embedded_sources(
     for name, weight in (("fashion", fashion_weight), ("openclipart", openclipart_weight)):
         if weight < 0:
             raise ValueError(f"{name} weight must be >= 0, got {weight}")
-    sources = {
-        "emoji": dict(
-            shards=f"{root}/emoji/emoji-train-*.tfrecord",
-            weight=1.0,
-            classnames=f"{root}/emoji/emoji-classnames.json",
-            use_labels=False,
-            prompt_templates="simple",
-        )
-    }
+    sources = {"emoji": train_source(root, "emoji", 1.0)}
     if fashion_weight > 0:
-        sources["fashion_mnist"] = dict(
-            shards=f"{root}/fashion_mnist/fashion_mnist-train-*.tfrecord",
-            weight=fashion_weight,
-            classnames=f"{root}/fashion_mnist/fashion_mnist-classnames.json",
-            use_labels=True,
-            prompt_templates="imagenet80",
+        sources["fashion_mnist"] = train_source(
+            root, "fashion_mnist", fashion_weight, use_labels=True, templates="imagenet80"
         )
     if openclipart_weight > 0:
-        sources["openclipart"] = dict(
-            shards=f"{root}/openclipart/openclipart-train-*.tfrecord",
-            weight=openclipart_weight,
-            classnames=f"{root}/openclipart/openclipart-classnames.json",
-            use_labels=False,
-            prompt_templates="simple",
-        )
+        sources["openclipart"] = train_source(root, "openclipart", openclipart_weight)
     return sources
 
 
@@ -179,15 +174,9 @@ def topic_sources(root: str = DATA_ROOT, kind: str = "lda") -> dict:
     """
     if kind not in TEXT_MODELS:
         raise ValueError(f"unknown text model {kind!r}; valid: {TEXT_MODELS}")
-    return {
-        "emoji": dict(
-            shards=f"{root}/topics_{kind}/emoji/emoji-train-*.tfrecord",
-            weight=1.0,
-            classnames=f"{root}/emoji/emoji-classnames.json",
-            use_labels=False,
-            prompt_templates="simple",
-        )
-    }
+    source = train_source(root, "emoji", 1.0)
+    source["shards"] = f"{root}/topics_{kind}/emoji/emoji-train-*.tfrecord"
+    return {"emoji": source}
 
 
 def recipe(
