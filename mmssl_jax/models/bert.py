@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmssl_jax.models.vit import Dtype, gelu_exact
+from mmssl_jax.models.vit import Dtype, gelu_exact, head_major_attention, tokenwise
 
 POOLINGS = ("mean", "cls")
 
@@ -92,7 +92,7 @@ class BertAttention(nn.Module):
             name=name,
         )
         q, k, v = (
-            dense(name)(x).reshape(batch, length, self.heads, head_dim)
+            tokenwise(dense(name), x).reshape(batch, length, self.heads, head_dim)
             for name in ("query", "key", "value")
         )
         if self.attention_impl == "cudnn":
@@ -108,11 +108,8 @@ class BertAttention(nn.Module):
                 implementation="cudnn",
             )[:, :length]
         else:
-            mask = key_valid[:, None, None, :]  # [B, heads, T, S] by broadcasting
-            out = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, implementation=self.attention_impl
-            )
-        return dense("output")(out.reshape(batch, length, self.hidden))
+            out = head_major_attention(q, k, v, key_valid=key_valid)
+        return tokenwise(dense("output"), out.reshape(batch, length, self.hidden))
 
 
 class BertBlock(nn.Module):
@@ -143,7 +140,8 @@ class BertBlock(nn.Module):
             name="attention",
         )(x, key_valid)
         x = norm("attention_norm")(x + attn)
-        y = dense(self.hidden, "output")(gelu_exact(dense(self.intermediate, "intermediate")(x)))
+        y = gelu_exact(tokenwise(dense(self.intermediate, "intermediate"), x))
+        y = tokenwise(dense(self.hidden, "output"), y)
         return norm("output_norm")(x + y)
 
 

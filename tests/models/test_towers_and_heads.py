@@ -446,3 +446,38 @@ def test_padded_attention_equals_unpadded(causal):
         atol=2e-6,
     )
     np.testing.assert_allclose(jax.grad(loss)(q, 64), jax.grad(loss)(q, None), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("mask", ["none", "causal", "keys"])
+def test_head_major_attention_equals_jax_attention(mask, dtype):
+    """The models' attention gives jax.nn.dot_product_attention's outputs and gradients."""
+    from mmssl_jax.models.vit import head_major_attention
+
+    q, k, v = (
+        jax.random.normal(key, (3, 11, 2, 8)).astype(dtype) for key in jax.random.split(KEY, 3)
+    )
+    key_valid = jnp.arange(11)[None, :] < jnp.array([[11], [5], [1]])
+    causal = mask == "causal"
+    keys = key_valid if mask == "keys" else None
+    jax_mask = None if keys is None else keys[:, None, None, :]
+
+    def ours(q, k, v):
+        return head_major_attention(q, k, v, causal=causal, key_valid=keys)
+
+    def reference(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, mask=jax_mask)
+
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == jnp.float32 else dict(atol=2e-2, rtol=2e-2)
+    f32 = lambda t: np.asarray(t, np.float32)
+    np.testing.assert_allclose(f32(ours(q, k, v)), f32(reference(q, k, v)), **tol)
+
+    def loss(fn):
+        return lambda *a: (fn(*a).astype(jnp.float32) ** 2).sum()
+
+    for got, want in zip(
+        jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v),
+        jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v),
+        strict=True,
+    ):
+        np.testing.assert_allclose(f32(got), f32(want), **tol)

@@ -484,19 +484,28 @@ def alternate(
     return wall, cpu
 
 
+def torch_dtype(name: str):
+    """The torch dtype called `name` (imported late: torch starts after the pinning)."""
+    import torch
+
+    return getattr(torch, name)
+
+
 def run_case(name: str, args) -> dict:
     """Times one case (JAX and PyTorch alternating); returns its JSON row."""
     spec = CASES[name]
     rounds = args.rounds or (3 if spec["batch"] <= 16 and name != "smoke_slip" else 4)
     per_round = args.per_round or (1 if name == "vits_slip" else 3)
     config = case_config(name, args.batch.get(name), None)
+    config.model.dtype = args.dtype
     dims = model_dims(config)
     batch = dims["batch"]
 
     t0 = time.perf_counter()
     jax_step = JaxStep(config, seed=args.seed)
     setup_s = time.perf_counter() - t0
-    torch_step = TorchStep(dims, args.threads_used, seed=args.seed)
+    amp = {"float32": None, "bfloat16": torch_dtype("bfloat16")}[args.dtype]
+    torch_step = TorchStep(dims, args.threads_used, seed=args.seed, amp_dtype=amp)
     fns: dict[str, Callable[[], None]] = {"jax": jax_step, "torch": torch_step}
     variants = {}
     for opt in args.xla_options:
@@ -533,6 +542,7 @@ def run_case(name: str, args) -> dict:
         "case": name,
         "config": spec["config"],
         "clock": clock,
+        "dtype": args.dtype,
         "batch": batch,
         "image_size": dims["image_size"],
         "dims": {k: dims[k] for k in ("image", "text", "vocab", "embed_dim", "head")},
@@ -611,15 +621,19 @@ def explain(row: dict) -> list[str]:
     return notes
 
 
-# Why JAX is slower on CPU (a one-off profile, not measured by this tool: jax.profiler trace
-# with --xla_cpu_enable_xprof_traceme and torch.profiler, JAX 0.10.2 / torch 2.13, 2-core
-# Sapphire Rapids): matmuls are most of both steps; XLA:CPU runs the forward and input-gradient
-# matmuls as YNNPACK fusions and the weight gradients (contracting over batch x tokens) as Eigen
-# dots after an explicit transpose copy, well below oneDNN's sgemm on the same shapes inside
-# the step, though isolated matmuls are close. The exact (erfc) GELU and the qkv split and
-# transposes around the attention einsums add a few percent each; an erf GELU with head-major
-# attention measured ~5% faster on a ViT block. XLA:CPU flags tried (ynn fusion types, onednn,
-# xnnpack, vector width 512, fast math, the legacy runtime) did not help.
+# Why JAX is slower on CPU (JAX 0.10.2 / torch 2.13, 2-core Sapphire Rapids): matmuls are most
+# of both steps. XLA:CPU runs the forward and input-gradient matmuls as YNNPACK fusions and the
+# weight gradients as oneDNN sgemm calls (`ONEDNN_VERBOSE=1` shows `gemm_api`). Two layouts cost
+# copies and are now avoided in the model code: Dense layers over 3-D [B, T, D] operands (XLA
+# copied the output gradient into a transposed layout before the weight-gradient dot;
+# `models.vit.tokenwise` gives it 2-D operands) and attention einsums over [B, T, heads, hd]
+# (`models.vit.head_major_attention`). What is left is mostly the block backward itself
+# (a ViT block's backward is ~1.5x PyTorch's in isolation) and many small elementwise fusions.
+# The oneDNN fusion route (--xla_cpu_experimental_onednn_fusion_type=dot with ynn fusions off)
+# does run oneDNN graph matmuls (ONEDNN_VERBOSE) but measured 10% slower; the onednn custom
+# call flag emits nothing on this runtime. bf16 (AMX): XLA:CPU's bf16-output dots miss the AMX
+# kernels (56 vs 320 GFLOP/s with float32 accumulation, and the weight-gradient dot stays slow
+# either way), so `model.dtype=bfloat16` is no faster than float32 here (--dtype bfloat16).
 
 
 def machine() -> dict:
@@ -690,6 +704,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="OPTION=VALUE",
         help="also time the JAX step compiled with these XLA options, one variant each",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype: JAX model.dtype (params float32), PyTorch autocast (AMP)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the results as JSON here")
