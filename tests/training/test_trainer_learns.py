@@ -25,10 +25,18 @@ def losses(workdir) -> np.ndarray:
     return np.array([row["loss"] for row in read_metrics(str(workdir))])
 
 
-@pytest.mark.parametrize("name", ["tiny_slip", "tiny_clip", "tiny_simclr", "tiny_unicl"])
+# Steps each recipe needs to get its last three logged losses below 0.9x its first, with room
+# (measured curves: UniCL's image-label term is there by step 40, SLIP's two terms by ~90, CLIP
+# and SimCLR alone sit on a plateau for their first ~60 steps; SimCLR reaches 0.9x near step
+# 150, so it gets 200).
+LEARNING_STEPS = {"tiny_slip": 110, "tiny_clip": 150, "tiny_simclr": 200, "tiny_unicl": 40}
+
+
+@pytest.mark.parametrize("name", sorted(LEARNING_STEPS))
 def test_tiny_configs_learn(embedded_data, tmp_path, name):
     # One device: the 8-device equivalence is its own test; here only learning is checked.
-    config = tiny_config(name, embedded_data, total_steps=150, log_every=10, num_devices=1)
+    steps = LEARNING_STEPS[name]
+    config = tiny_config(name, embedded_data, total_steps=steps, log_every=10, num_devices=1)
     trainer = Trainer(config, str(tmp_path))
     last = trainer.run()
     curve = losses(tmp_path)
