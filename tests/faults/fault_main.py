@@ -18,6 +18,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +80,11 @@ def _pause(step: int) -> None:
 
     def wait_for_signal(trainer) -> None:
         Path(trainer.workdir, "paused").write_text(str(step))
-        handlers[-1].requested.wait(PAUSE_LIMIT_S)
+        # Short waits, not one long one: a SIGTERM delivered to another thread only sets
+        # CPython's flag, and the handler runs when the main thread next runs Python code.
+        deadline = time.monotonic() + PAUSE_LIMIT_S
+        while not handlers[-1].requested.wait(0.05) and time.monotonic() < deadline:
+            pass
 
     _at_step(step, wait_for_signal)
 
