@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmssl_jax.models.vit import Dtype, gelu_exact, head_major_attention, tokenwise
+from mmssl_jax.models.vit import Dtype, TokenDense, gelu_exact, head_major_attention
 
 POOLINGS = ("mean", "cls")
 
@@ -84,7 +84,7 @@ class BertAttention(nn.Module):
             raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
         batch, length, _ = x.shape
         head_dim = self.hidden // self.heads
-        dense = lambda name: nn.Dense(
+        dense = lambda name: TokenDense(
             self.hidden,
             kernel_init=_INIT,
             dtype=self.dtype,
@@ -92,7 +92,7 @@ class BertAttention(nn.Module):
             name=name,
         )
         q, k, v = (
-            tokenwise(dense(name), x).reshape(batch, length, self.heads, head_dim)
+            dense(name)(x).reshape(batch, length, self.heads, head_dim)
             for name in ("query", "key", "value")
         )
         if self.attention_impl == "cudnn":
@@ -109,7 +109,7 @@ class BertAttention(nn.Module):
             )[:, :length]
         else:
             out = head_major_attention(q, k, v, key_valid=key_valid)
-        return tokenwise(dense("output"), out.reshape(batch, length, self.hidden))
+        return dense("output")(out.reshape(batch, length, self.hidden))
 
 
 class BertBlock(nn.Module):
@@ -128,7 +128,7 @@ class BertBlock(nn.Module):
         norm = lambda name: nn.LayerNorm(
             epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
-        dense = lambda n, name: nn.Dense(
+        dense = lambda n, name: TokenDense(
             n, kernel_init=_INIT, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
         attn = BertAttention(
@@ -140,8 +140,8 @@ class BertBlock(nn.Module):
             name="attention",
         )(x, key_valid)
         x = norm("attention_norm")(x + attn)
-        y = gelu_exact(tokenwise(dense(self.intermediate, "intermediate"), x))
-        y = tokenwise(dense(self.hidden, "output"), y)
+        y = gelu_exact(dense(self.intermediate, "intermediate")(x))
+        y = dense(self.hidden, "output")(y)
         return norm("output_norm")(x + y)
 
 

@@ -10,8 +10,8 @@ Parameters are stored in `param_dtype` (float32); `dtype` is the compute dtype (
 Attention is `head_major_attention` (the numbers of `jax.nn.dot_product_attention`'s XLA path,
 softmax in float32, laid out so XLA:CPU's dots need no copies); `attention_impl="cudnn"`
 selects cuDNN's fused (flash) kernel on NVIDIA GPUs with bf16/fp16 compute, which never
-stores the [heads, T, T] probabilities. Dense layers see 2-D `[tokens, D]` operands
-(`tokenwise`).
+stores the [heads, T, T] probabilities. Dense layers over tokens see 2-D `[tokens, D]`
+operands (`TokenDense`).
 """
 
 from __future__ import annotations
@@ -55,17 +55,20 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
-def tokenwise(layer: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
-    """`layer` applied to `x [..., D]` as one 2-D `[N, D]` matrix, reshaped back.
+class TokenDense(nn.Dense):
+    """`nn.Dense` over `x [..., D]` applied as one 2-D `[N, D]` matrix, reshaped back.
 
-    The same dot as applying it to `x` directly, but its weight gradient becomes a plain 2-D
-    dot contracting over N: on XLA:CPU a 3-D operand made it copy the output gradient into a
-    transposed layout first (a 128 -> 512 Dense over 192 x 65 tokens: 137 -> 97 ms forward +
-    backward on one core; README, Benchmarks).
+    The same parameters (`kernel`, `bias`) and the same dot as `nn.Dense`, but its weight
+    gradient becomes a plain 2-D dot contracting over N: on XLA:CPU a 3-D operand made it copy
+    the output gradient into a transposed layout first (a 128 -> 512 Dense over 192 x 65
+    tokens: 137 -> 97 ms forward + backward on one core; `python tools/benchmarks/layers.py`).
     """
-    lead = x.shape[:-1]
-    y = layer(x.reshape(-1, x.shape[-1]))
-    return y.reshape(*lead, y.shape[-1])
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        lead = x.shape[:-1]
+        y = super().__call__(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*lead, y.shape[-1])
 
 
 def head_major_attention(
@@ -82,7 +85,8 @@ def head_major_attention(
     masked keys at -0.7 * float32 max), but the operands are transposed once to
     [B, heads, T, head_dim], so the four batched dots of the forward and backward have their
     batch dims leading and need no layout copies (XLA:CPU: 139 -> 109 ms forward + backward
-    for 192 x 65 tokens, 4 heads of 32). `key_valid [B, S]` masks padded keys.
+    for 192 x 65 tokens, 4 heads of 32; `python tools/benchmarks/layers.py`).
+    `key_valid [B, S]` masks padded keys.
     """
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
@@ -164,26 +168,22 @@ class Attention(nn.Module):
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         batch, length, _ = x.shape
         head_dim = self.width // self.heads
-        qkv = tokenwise(
-            nn.Dense(
-                3 * self.width,
-                kernel_init=self.qkv_init,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="qkv",
-            ),
-            x,
-        )
+        qkv = TokenDense(
+            3 * self.width,
+            kernel_init=self.qkv_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="qkv",
+        )(x)
         q, k, v = jnp.split(qkv.reshape(batch, length, 3 * self.heads, head_dim), 3, axis=2)
         out = attention(q, k, v, causal=self.causal, implementation=self.attention_impl)
-        proj = nn.Dense(
+        return TokenDense(
             self.width,
             kernel_init=self.proj_init,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="proj",
-        )
-        return tokenwise(proj, out.reshape(batch, length, self.width))
+        )(out.reshape(batch, length, self.width))
 
 
 class Mlp(nn.Module):
@@ -199,11 +199,11 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        dense = lambda n, init, name: nn.Dense(
+        dense = lambda n, init, name: TokenDense(
             n, kernel_init=init, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
-        x = self.act(tokenwise(dense(self.hidden, self.fc1_init, "fc1"), x))
-        return tokenwise(dense(width, self.fc2_init, "fc2"), x)
+        x = self.act(dense(self.hidden, self.fc1_init, "fc1")(x))
+        return dense(width, self.fc2_init, "fc2")(x)
 
 
 class Block(nn.Module):

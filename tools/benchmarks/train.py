@@ -254,19 +254,15 @@ def _flops(compiled, lowered) -> float | None:
 # PyTorch
 
 
-def torch_slip(dims: dict[str, Any]):
-    """SLIP's model (`SLIP` in SLIP's models.py) with the given dims, as plain torch modules."""
-    import torch
+def torch_block(width: int, heads: int, eps: float, act, causal: bool):
+    """A pre-LN transformer block (timm's ViT block, CLIP's residual block) as torch modules:
+    fused qkv, `scaled_dot_product_attention`, MLP ratio 4."""
     import torch.nn.functional as F
     from torch import nn
 
-    def quick_gelu(x):
-        return x * torch.sigmoid(1.702 * x)
-
     class Block(nn.Module):
-        def __init__(self, width, heads, eps, act, causal):
+        def __init__(self):
             super().__init__()
-            self.heads, self.act, self.causal = heads, act, causal
             self.norm1 = nn.LayerNorm(width, eps=eps)
             self.qkv = nn.Linear(width, 3 * width)
             self.proj = nn.Linear(width, width)
@@ -276,11 +272,22 @@ def torch_slip(dims: dict[str, Any]):
 
         def forward(self, x):
             b, n, c = x.shape
-            qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads)
+            qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, heads, c // heads)
             q, k, v = qkv.permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
             x = x + self.proj(a.transpose(1, 2).reshape(b, n, c))
-            return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+            return x + self.fc2(act(self.fc1(self.norm2(x))))
+
+    return Block()
+
+
+def torch_slip(dims: dict[str, Any]):
+    """SLIP's model (`SLIP` in SLIP's models.py) with the given dims, as plain torch modules."""
+    import torch
+    from torch import nn
+
+    def quick_gelu(x):
+        return x * torch.sigmoid(1.702 * x)
 
     class VisionTransformer(nn.Module):
         def __init__(self, width, depth, heads, patch_size, image_size, **_):
@@ -291,7 +298,7 @@ def torch_slip(dims: dict[str, Any]):
             self.pos_embed = nn.Parameter(torch.randn(1, n, width) * 0.02)
             gelu = nn.GELU()
             self.blocks = nn.ModuleList(
-                [Block(width, heads, 1e-6, gelu, False) for _ in range(depth)]
+                [torch_block(width, heads, 1e-6, gelu, False) for _ in range(depth)]
             )
             self.norm = nn.LayerNorm(width, eps=1e-6)
 
@@ -308,7 +315,7 @@ def torch_slip(dims: dict[str, Any]):
             self.token_embedding = nn.Embedding(vocab, width)
             self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
             self.resblocks = nn.ModuleList(
-                [Block(width, heads, 1e-5, quick_gelu, True) for _ in range(layers)]
+                [torch_block(width, heads, 1e-5, quick_gelu, True) for _ in range(layers)]
             )
             self.ln_final = nn.LayerNorm(width, eps=1e-5)
 
@@ -626,7 +633,7 @@ def explain(row: dict) -> list[str]:
 # weight gradients as oneDNN sgemm calls (`ONEDNN_VERBOSE=1` shows `gemm_api`). Two layouts cost
 # copies and are now avoided in the model code: Dense layers over 3-D [B, T, D] operands (XLA
 # copied the output gradient into a transposed layout before the weight-gradient dot;
-# `models.vit.tokenwise` gives it 2-D operands) and attention einsums over [B, T, heads, hd]
+# `models.vit.TokenDense` gives it 2-D operands) and attention einsums over [B, T, heads, hd]
 # (`models.vit.head_major_attention`). What is left is mostly the block backward itself
 # (a ViT block's backward is ~1.5x PyTorch's in isolation) and many small elementwise fusions.
 # The oneDNN fusion route (--xla_cpu_experimental_onednn_fusion_type=dot with ynn fusions off)
