@@ -32,8 +32,14 @@ TIMM_NORMAL = nn.initializers.normal(stddev=0.02)
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:
-    """The erf GELU of PyTorch's `nn.GELU()` (flax's `nn.gelu` defaults to the tanh form)."""
-    return jax.nn.gelu(x, approximate=False)
+    """The erf GELU of PyTorch's `nn.GELU()` (flax's `nn.gelu` defaults to the tanh form).
+
+    Written as PyTorch writes it, `x * (0.5 + 0.5 erf(x / sqrt 2))`: `jax.nn.gelu(x,
+    approximate=False)` goes through `erfc`, which XLA:CPU recomputes in several backward
+    fusions (tools/benchmarks/layers.py, case `gelu`, has both). Same values to float32
+    rounding.
+    """
+    return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:

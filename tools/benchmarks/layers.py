@@ -16,11 +16,13 @@ its forward, its input-gradient and its weight-gradient dots. Variants:
   `models.vit.head_major_attention`, `torch.nn.functional.scaled_dot_product_attention`
   (as timm calls it: [B, heads, T, hd] views of the fused qkv).
 - `layernorm`, `gelu`, `mlp`, `attention_layer`: the block's other pieces over the same
-  tokens (`nn.LayerNorm` eps 1e-6, `models.vit.gelu_exact` over the 512-wide hidden
-  activations, `models.vit.Mlp`, `models.vit.Attention` with its qkv and output projections)
-  against their PyTorch counterparts, so the block's gap can be split into its parts.
+  tokens (`nn.LayerNorm` eps 1e-6; `models.vit.gelu_exact` and `jax.nn.gelu(approximate=
+  False)` over the 512-wide hidden activations; `models.vit.Mlp`; `models.vit.Attention`
+  with its qkv and output projections) against their PyTorch counterparts, so the block's
+  gap can be split into its parts.
 - `block`: tiny SLIP's whole pre-LN ViT block (`models.vit.Block`, width 128, 4 heads)
-  against train.py's PyTorch twin (`torch_block`).
+  against train.py's PyTorch twin (`torch_block`), and the same block with the GELU written
+  as `jax.nn.gelu` (erfc; the form before `gelu_exact` used erf).
 - `matmul_bf16`: a 12480 x 512 @ 512 x 512 matmul in float32 and in bfloat16 (bf16 output,
   and bf16 operands with float32 accumulation) against torch's float32 and bfloat16 matmul:
   GFLOP/s, which says whether a framework reaches this CPU's AMX units.
@@ -168,6 +170,7 @@ def layernorm_case(seed: int) -> dict[str, Callable[[], None]]:
 
 def gelu_case(seed: int) -> dict[str, Callable[[], None]]:
     import flax.linen as nn
+    import jax
     import torch
 
     from mmssl_jax.models.vit import gelu_exact
@@ -176,8 +179,14 @@ def gelu_case(seed: int) -> dict[str, Callable[[], None]]:
         def __call__(self, x):
             return gelu_exact(x)
 
+    class GeluErfc(nn.Module):  # the form before gelu_exact was written with erf
+        def __call__(self, x):
+            return jax.nn.gelu(x, approximate=False)
+
     h = TOKENS["hidden"]
-    return _module_pair(Gelu(), torch.nn.GELU(), h, h, seed)
+    fns = _module_pair(Gelu(), torch.nn.GELU(), h, h, seed)
+    fns["jax_gelu_erfc"] = _module_pair(GeluErfc(), torch.nn.GELU(), h, h, seed)["jax"]
+    return fns
 
 
 def mlp_case(seed: int) -> dict[str, Callable[[], None]]:
@@ -226,10 +235,13 @@ def block_case(seed: int) -> dict[str, Callable[[], None]]:
     g = rng.standard_normal((b, t, d), np.float32)
     block = Block(d, heads)
     params = block.init(jax.random.key(seed), x[:1])
+    # The same block with the GELU written as jax.nn.gelu (erfc), as it was before gelu_exact.
+    block_erfc = Block(d, heads, act=lambda v: jax.nn.gelu(v, approximate=False))
     twin = train_bench.torch_block(d, heads, 1e-6, torch.nn.GELU(), False)
     tx = torch.from_numpy(x).requires_grad_()
     return {
         "jax_block": _jax_grad_fn(block.apply, params, x, g),
+        "jax_block_gelu_erfc": _jax_grad_fn(block_erfc.apply, params, x, g),
         "torch_block": _torch_grad_fn(twin, [tx], torch.from_numpy(g)),
     }
 
