@@ -50,6 +50,9 @@ EXTRAS = {
     "opencv": ["opencv-python-headless>=4.8,<6"],
     "dev": [
         "pytest>=8,<10",
+        # pytest-xdist: the suite on every core (`-n auto --dist loadfile`); one process
+        # leaves a 2-core machine at ~1.4 cores.
+        "pytest-xdist>=3.6,<4",
         "ruff>=0.6",
         "nbclient>=0.10,<1",
         "nbformat>=5.10,<6",

@@ -7,6 +7,7 @@ if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import fcntl  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -41,6 +42,16 @@ def embedded_data() -> Path:
     (hashes of inputs, code and parameters) makes a rebuild a no-op when nothing changed.
     """
     out = CACHE / "embedded"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # pytest-xdist workers each run this fixture: one builds, the others wait on the lock and
+    # then find the manifest up to date.
+    with open(CACHE / "embedded.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _build_embedded(out)
+    return out
+
+
+def _build_embedded(out: Path) -> None:
     subprocess.run(
         [
             sys.executable,
@@ -56,4 +67,3 @@ def embedded_data() -> Path:
         check=True,
         cwd=ROOT,
     )
-    return out

@@ -91,14 +91,20 @@ def test_fsdp_equals_data_parallel(embedded_data, tmp_path):
     assert len(curves[True]) == 3
     np.testing.assert_allclose(curves[True], curves[False], rtol=1e-5)
     # Matrices agree closely. (Vectors are left out: the key bias has an exactly zero true
-    # gradient, so Adam turns rounding noise of either run into lr-sized steps.)
+    # gradient, so Adam turns rounding noise of either run into lr-sized steps.) Adam does the
+    # same, less, to rows with near-zero gradients (rare tokens' embeddings): a few elements
+    # in 10^4 may miss 1e-5, but none by a tenth of one step's lr, which a wrong shard would.
+    lr = fsdp.config.optim.lr
     for a, b in zip(
         jax.tree.leaves(fsdp.state.params),
         jax.tree.leaves(trainers[False].state.params),
         strict=True,
     ):
         if a.ndim >= 2:
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
+            a, b = np.asarray(a), np.asarray(b)
+            close = np.isclose(a, b, rtol=1e-3, atol=1e-5)
+            assert close.mean() > 1 - 1e-4, f"{(~close).sum()} of {a.size} elements differ"
+            np.testing.assert_allclose(a, b, rtol=0, atol=0.1 * lr)
 
     # The sharded checkpoint restores onto the FSDP shardings.
     ckpt = Checkpointer(str(tmp_path / "fsdp1"))
