@@ -8,10 +8,10 @@ class token std 1e-6 (timm). Parameter names are timm's, so converting weights i
 
 Parameters are stored in `param_dtype` (float32); `dtype` is the compute dtype (e.g. bfloat16).
 Attention is `head_major_attention` (the numbers of `jax.nn.dot_product_attention`'s XLA path,
-softmax in float32, laid out so XLA:CPU's dots need no copies); `attention_impl="cudnn"`
-selects cuDNN's fused (flash) kernel on NVIDIA GPUs with bf16/fp16 compute, which never
-stores the [heads, T, T] probabilities. Dense layers over tokens see 2-D `[tokens, D]`
-operands (`TokenDense`).
+softmax in float32, laid out so XLA:CPU's dots need no copies, its backward written by hand);
+`attention_impl="cudnn"` selects cuDNN's fused (flash) kernel on NVIDIA GPUs with bf16/fp16
+compute, which never stores the [heads, T, T] probabilities. Dense layers over tokens see 2-D
+`[tokens, D]` operands (`TokenDense`).
 """
 
 from __future__ import annotations
@@ -90,23 +90,58 @@ def head_major_attention(
     The numbers of `jax.nn.dot_product_attention`'s XLA path (float32 logits and softmax,
     masked keys at -0.7 * float32 max), but the operands are transposed once to
     [B, heads, T, head_dim], so the four batched dots of the forward and backward have their
-    batch dims leading and need no layout copies (XLA:CPU: 77 -> 62 ms forward + backward
-    for 192 x 65 tokens, 4 heads of 32, in `python tools/benchmarks/layers.py`).
-    `key_valid [B, S]` masks padded keys.
+    batch dims leading and need no layout copies, and the backward is written by hand
+    (`_softmax_attention`). `key_valid [B, S]` masks padded keys.
     """
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(q.shape[-1] ** -0.5)
     valid = None
     if causal:
-        valid = jnp.tril(jnp.ones(logits.shape[-2:], bool))
+        valid = jnp.tril(jnp.ones((q.shape[2], k.shape[2]), bool))
     if key_valid is not None:
         keys = key_valid[:, None, None, :].astype(bool)
         valid = keys if valid is None else valid & keys
+    return _softmax_attention(q, k, v, valid).transpose(0, 2, 1, 3)
+
+
+@jax.custom_vjp
+def _softmax_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array | None
+) -> jax.Array:
+    """`softmax(q k^T / sqrt(d), masked where not valid) v` over [B, heads, T, head_dim].
+
+    A custom VJP with FlashAttention's backward: `dS = P * (dP - rowsum(dO * O))`, which reads
+    the [T, head_dim] output instead of reducing `dP * P` over [T, T], and applies the
+    1/sqrt(d) scale to dq and dk, not to [T, T] gradients. XLA's derivative of the same
+    forward is twice as slow on CPU (tiny SLIP's 192 x 65 tokens, 4 heads of 32, forward +
+    backward: 51 -> 27 ms, PyTorch SDPA 36 ms; `python tools/benchmarks/layers.py --cases
+    attention`).
+    """
+    return _softmax_attention_fwd(q, k, v, valid)[0]
+
+
+def _softmax_attention_fwd(q, k, v, valid):
+    scale = jnp.float32(q.shape[-1] ** -0.5)
+    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32) * scale
     if valid is not None:
         logits = jnp.where(valid, logits, -0.7 * jnp.finfo(jnp.float32).max)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnts,bnsh->bnth", probs, v).transpose(0, 2, 1, 3)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bnts,bnsh->bnth", probs.astype(v.dtype), v)
+    return out, (q, k, v, probs, out)
+
+
+def _softmax_attention_bwd(residuals, d_out):
+    q, k, v, probs, out = residuals
+    scale = q.shape[-1] ** -0.5
+    d_v = jnp.einsum("bnts,bnth->bnsh", probs.astype(d_out.dtype), d_out)
+    d_probs = jnp.einsum("bnth,bnsh->bnts", d_out, v, preferred_element_type=jnp.float32)
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
+    d_logits = (probs * (d_probs - row)).astype(q.dtype)
+    d_q = jnp.einsum("bnts,bnsh->bnth", d_logits, k) * jnp.asarray(scale, q.dtype)
+    d_k = jnp.einsum("bnts,bnth->bnsh", d_logits, q) * jnp.asarray(scale, k.dtype)
+    return d_q, d_k, d_v, None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def attention(

@@ -475,9 +475,16 @@ def test_head_major_attention_equals_jax_attention(mask, dtype):
     def loss(fn):
         return lambda *a: (fn(*a).astype(jnp.float32) ** 2).sum()
 
+    # Gradients: float32 rounding relative to the largest entry. The hand-written backward
+    # takes rowsum(dO * O) where XLA reduces dP * P over keys (equal in exact arithmetic), so an
+    # entry whose true gradient is 0 can come out at ~1e-7 of the others.
     for got, want in zip(
         jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v),
         jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v),
         strict=True,
     ):
-        np.testing.assert_allclose(f32(got), f32(want), **tol)
+        got, want = f32(got), f32(want)
+        grad_tol = tol
+        if dtype == jnp.float32:
+            grad_tol = dict(atol=5e-7 * np.abs(want).max(), rtol=1e-5)
+        np.testing.assert_allclose(got, want, **grad_tol)

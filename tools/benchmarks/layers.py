@@ -13,7 +13,8 @@ its forward, its input-gradient and its weight-gradient dots. Variants:
   `models.vit.TokenDense` (2-D [B*T, D]), `torch.nn.Linear`.
 - `attention`: softmax attention over the same tokens, 4 heads of 32:
   `jax.nn.dot_product_attention` (XLA path, [B, T, heads, hd]),
-  `models.vit.head_major_attention`, `torch.nn.functional.scaled_dot_product_attention`
+  `models.vit.head_major_attention` (and the same forward differentiated by XLA, the form
+  before its hand-written backward), `torch.nn.functional.scaled_dot_product_attention`
   (as timm calls it: [B, heads, T, hd] views of the fused qkv).
 - `layernorm`, `gelu`, `mlp`, `attention_layer`: the block's other pieces over the same
   tokens (`nn.LayerNorm` eps 1e-6; `models.vit.gelu_exact` and `jax.nn.gelu(approximate=
@@ -112,6 +113,17 @@ def dense_case(seed: int) -> dict[str, Callable[[], None]]:
     return fns
 
 
+def _autodiff_attention(q, k, v):
+    """`head_major_attention` as it was before its hand-written backward: XLA's derivative."""
+    import jax
+    import jax.numpy as jnp
+
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits * jnp.float32(q.shape[-1] ** -0.5), axis=-1)
+    return jnp.einsum("bnts,bnsh->bnth", probs.astype(v.dtype), v).transpose(0, 2, 1, 3)
+
+
 def attention_case(seed: int) -> dict[str, Callable[[], None]]:
     import jax
     import numpy as np
@@ -130,6 +142,7 @@ def attention_case(seed: int) -> dict[str, Callable[[], None]]:
             lambda p, x: jax.nn.dot_product_attention(*x, implementation="xla"), {}, qkv, g
         ),
         "jax_head_major": _jax_grad_fn(lambda p, x: head_major_attention(*x), {}, qkv, g),
+        "jax_head_major_autodiff": _jax_grad_fn(lambda p, x: _autodiff_attention(*x), {}, qkv, g),
     }
     tq = torch.from_numpy(qkv).requires_grad_()
 
