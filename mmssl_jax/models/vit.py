@@ -121,7 +121,13 @@ def _softmax_attention(
 
 def _softmax_attention_fwd(q, k, v, valid):
     scale = jnp.float32(q.shape[-1] ** -0.5)
-    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    if q.dtype == jnp.float32:
+        # Scaling q, not the [T, S] logits: XLA:CPU's fused dot + softmax otherwise reads the
+        # scale from a materialised [B, heads, T, S] broadcast. Low-precision q is not
+        # rounded again: its logits are scaled in float32.
+        logits = jnp.einsum("bnth,bnsh->bnts", q * scale, k)
+    else:
+        logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32) * scale
     if valid is not None:
         logits = jnp.where(valid, logits, -0.7 * jnp.finfo(jnp.float32).max)
     probs = jax.nn.softmax(logits, axis=-1)
