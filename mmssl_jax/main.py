@@ -11,16 +11,21 @@ unless `--verbose`.
 
 from __future__ import annotations
 
-import json
-import logging as std_logging
-import os
-import sys
+from mmssl_jax.parallel import allocator
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+if __name__ == "__main__":
+    allocator.use_tcmalloc()  # before JAX loads: re-executes once under tcmalloc if installed
 
-from mmssl_jax.config_utils import check_keys, override_keys
-from mmssl_jax.parallel import distributed
+import json  # noqa: E402
+import logging as std_logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mmssl_jax.config_utils import check_keys, override_keys  # noqa: E402
+from mmssl_jax.parallel import distributed  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:arg]).")

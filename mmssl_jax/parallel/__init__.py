@@ -1,1 +1,2 @@
-"""Parallelism: the device mesh and batch sharding, FSDP rules, multi-process start-up."""
+"""Parallelism: the device mesh and batch sharding, FSDP rules, multi-process start-up, the
+process's memory allocator."""

@@ -51,6 +51,7 @@ from typing import Any
 if __package__ in (None, ""):  # Run as a script: make the repository root importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from mmssl_jax.parallel import allocator  # noqa: E402
 from tools.benchmarks.emit import emit  # noqa: E402
 
 CASES: dict[str, dict[str, Any]] = {
@@ -651,6 +652,9 @@ def machine() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        # Both frameworks share this process's allocator (mmssl_jax.parallel.allocator: the
+        # main command runs under tcmalloc when installed; LD_PRELOAD gives it to this one).
+        "allocator": allocator.loaded(),
     }
     try:
         with open("/proc/cpuinfo") as f:
