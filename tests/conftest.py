@@ -1,12 +1,6 @@
-"""Test setup: tcmalloc and 8 emulated CPU devices, set before JAX initialises its backend."""
+"""Test setup: 8 emulated CPU devices, set before JAX initialises its backend."""
 
 import os
-
-from mmssl_jax.parallel import allocator
-
-# The suite runs as the main command does: under tcmalloc when it is installed (re-executes
-# pytest once; xdist workers inherit it).
-allocator.use_tcmalloc()
 
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:

@@ -9,6 +9,9 @@ vits_slip` with and without `LD_PRELOAD`). The allocator cannot be swapped insid
 process, so `use_tcmalloc()` re-executes the command once with tcmalloc in `LD_PRELOAD`, as
 TensorFlow's and PyTorch's CPU performance guides advise doing by hand.
 
+A command that cannot re-execute itself (pytest has redirected its output by the time a
+conftest runs) takes the library from `python -m mmssl_jax.parallel.allocator`, which prints
+its path (nothing when absent): `LD_PRELOAD=$(python -m mmssl_jax.parallel.allocator) CMD`.
 `MMSSL_JAX_ALLOCATOR=system` keeps the C library's allocator. tcmalloc comes from the Debian
 package `libtcmalloc-minimal4` (tools/install.sh installs it); without it nothing changes.
 """
@@ -70,3 +73,7 @@ def use_tcmalloc() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+if __name__ == "__main__":
+    print(find_tcmalloc() or "")
