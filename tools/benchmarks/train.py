@@ -31,9 +31,10 @@ N > 1 (CPU time would count spinning thread pools); `ratio` = JAX img/s / PyTorc
 FLOPs are XLA's cost analysis of the compiled JAX step (the PyTorch model does the same
 matmuls, less the augmentation), so GFLOP/s are comparable. With `--breakdown`, both are
 also timed for the forward, forward + backward, and (JAX) the augmentation alone (noisy on a
-busy machine). `--xla_options` times the JAX step again compiled with XLA:CPU options (e.g.
-xla_cpu_prefer_vector_width=512), alternating with the rest. The notes say where the time
-goes; the comment above `machine()` says why JAX is slower on CPU.
+busy machine). `--profile N` traces N more JAX steps with `jax.profiler` and sums the ops'
+time by kind (`profile_ms_per_step`). `--xla_options` times the JAX step again compiled with
+XLA:CPU options (e.g. xla_cpu_prefer_vector_width=512), alternating with the rest. The notes
+say where the time goes; the comment above `machine()` says why JAX is slower on CPU.
 """
 
 from __future__ import annotations
@@ -583,9 +584,42 @@ def run_case(name: str, args) -> dict:
         row["breakdown_s"] = {k: _median(v) for k, v in ptimes.items()}
         row["breakdown_s"]["jax/step"] = row["jax"]["step_s"]
         row["breakdown_s"]["torch/step"] = row["torch"]["step_s"]
+    if args.profile:
+        row["profile_ms_per_step"] = profile_ops(jax_step, args.profile)
     row["notes"] = explain(row)
     del jax_step, torch_step, variants
     return row
+
+
+def profile_ops(step: JaxStep, steps: int, top: int = 20) -> dict[str, float]:
+    """ms per step of the compiled step's ops, summed by kind (an HLO name without its `.N`:
+    `dot`, `ynn_fusion`, `multiply_erf_fusion`, ...), largest first, from a `jax.profiler`
+    trace of `steps` steps. Says where the step's time goes without reading a trace viewer."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import re
+    import tempfile
+
+    jax = step.jax
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(steps):
+                step()
+        (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    # Host-side events (Python frames, the executor's own spans) are not ops.
+    skip = ("$", "Thunk", "Pjit", "CommonPjRt")
+    kinds: collections.Counter = collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and not name.startswith(skip) and "Thunk" not in name:
+            kinds[re.sub(r"\.\d+$", "", name)] += e.get("dur", 0) / 1e3 / steps
+    out = dict(kinds.most_common(top))
+    out["all_ops"] = sum(kinds.values())
+    return out
 
 
 def explain(row: dict) -> list[str]:
@@ -629,19 +663,22 @@ def explain(row: dict) -> list[str]:
     return notes
 
 
-# Why JAX is slower on CPU (JAX 0.10.2 / torch 2.13, 2-core Sapphire Rapids): matmuls are most
-# of both steps. XLA:CPU runs the forward and input-gradient matmuls as YNNPACK fusions and the
-# weight gradients as oneDNN sgemm calls (`ONEDNN_VERBOSE=1` shows `gemm_api`). Two layouts cost
-# copies and are now avoided in the model code: Dense layers over 3-D [B, T, D] operands (XLA
-# copied the output gradient into a transposed layout before the weight-gradient dot;
-# `models.vit.TokenDense` gives it 2-D operands) and attention einsums over [B, T, heads, hd]
-# (`models.vit.head_major_attention`). What is left is mostly the block backward itself
-# (a ViT block's backward is ~1.5x PyTorch's in isolation) and many small elementwise fusions.
-# The oneDNN fusion route (--xla_cpu_experimental_onednn_fusion_type=dot with ynn fusions off)
-# does run oneDNN graph matmuls (ONEDNN_VERBOSE) but measured 10% slower; the onednn custom
-# call flag emits nothing on this runtime. bf16 (AMX): XLA:CPU's bf16-output dots miss the AMX
-# kernels (56 vs 320 GFLOP/s with float32 accumulation, and the weight-gradient dot stays slow
-# either way), so `model.dtype=bfloat16` is no faster than float32 here (--dtype bfloat16).
+# Where JAX's CPU time went (JAX 0.10.2 / torch 2.13; 2-core Sapphire Rapids, then AMD EPYC):
+# matmuls are most of both steps. XLA:CPU runs the forward and input-gradient matmuls as YNNPACK
+# fusions and the weight gradients as oneDNN sgemm calls (`ONEDNN_VERBOSE=1` shows `gemm_api`).
+# Fixed in the model code: Dense layers over 3-D [B, T, D] operands (XLA copied the output
+# gradient into a transposed layout; `models.vit.TokenDense`), attention einsums over
+# [B, T, heads, hd] and XLA's derivative of the softmax (`models.vit.head_major_attention`, a
+# hand-written backward), the erfc GELU (`models.vit.gelu_exact`). Fixed in the process: glibc's
+# malloc maps and unmaps the step's large buffers every step, so each step page-faults them in
+# again (ViT-S/16: 1.8 of 6.7 s in the kernel); under tcmalloc (`machine()["allocator"]`,
+# `mmssl_jax.parallel.allocator`) JAX's step is 1.45x (tiny SLIP) and 1.77x (ViT-S/16)
+# PyTorch's. The oneDNN fusion route (--xla_cpu_experimental_onednn_fusion_type=dot with ynn
+# fusions off) runs oneDNN graph matmuls (ONEDNN_VERBOSE) but measured 10% slower; the onednn
+# custom call flag emits nothing on this runtime; YNN fusion of dots only
+# (xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT) 0.98x the default. bf16
+# (AMX): XLA:CPU's bf16-output dots miss the AMX kernels (56 vs 320 GFLOP/s with float32
+# accumulation), so `model.dtype=bfloat16` is no faster than float32 there (--dtype bfloat16).
 
 
 def machine() -> dict:
@@ -721,6 +758,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("float32", "bfloat16"),
         default="float32",
         help="compute dtype: JAX model.dtype (params float32), PyTorch autocast (AMP)",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also trace STEPS JAX steps with jax.profiler: ms per step by op kind",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the results as JSON here")
