@@ -12,6 +12,8 @@ gives each framework the whole device), and a crash in one is recorded without l
 others. Arguments after `--` go to every selected benchmark; `--args NAME="..."` to one.
 The document holds the machine description, the commit, each benchmark's JSON (or its
 error) and the Markdown summary, which is also written next to it (`.md`) and printed.
+Each runs under tcmalloc when installed, as the main command does (`MMSSL_JAX_ALLOCATOR=system`:
+glibc's malloc); `machine.allocator` records which.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ from collections.abc import Sequence
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: make mmssl_jax importable from the checkout
+    sys.path.insert(0, ROOT)
+
+from mmssl_jax.parallel import allocator  # noqa: E402
+
 BENCHMARKS = ("input", "loss", "train", "gpu")
 ALL = ("input", "loss", "train")  # `gpu` only when asked for (or --with_gpu)
 
@@ -92,6 +99,9 @@ def machine() -> dict[str, Any]:
         except Exception:  # not installed, or no __version__
             versions[module] = None
     info["versions"] = versions
+    info["allocator"] = (
+        "system" if os.environ.get(allocator.ENV) == "system" else allocator.find_tcmalloc()
+    ) or "system"
     return info
 
 
@@ -107,6 +117,11 @@ def run_one(name: str, extra: Sequence[str], log_dir: str, timeout: int | None) 
     cmd = [sys.executable, script, *extra, "--out", out]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    tcmalloc = allocator.find_tcmalloc()
+    if tcmalloc and env.get(allocator.ENV, "tcmalloc") != "system":
+        # The allocator the main command runs under (mmssl_jax.parallel.allocator), shared by
+        # both frameworks of a benchmark; MMSSL_JAX_ALLOCATOR=system measures glibc's.
+        env["LD_PRELOAD"] = ":".join(filter(None, [tcmalloc, env.get("LD_PRELOAD")]))
     print(f"[benchmark] {name}: {shlex.join(cmd[1:])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
