@@ -31,6 +31,8 @@ from collections.abc import Sequence
 if __package__ in (None, ""):  # Run as a script: make the repository root importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mmssl_jax.config_utils import check_keys  # noqa: E402
+
 # method -> (config module, config arg beyond data=..., what it is)
 METHODS: dict[str, tuple[str, str, str]] = {
     "clip": ("tiny_clip", "", "CLIP, text transformer from scratch"),
@@ -73,6 +75,10 @@ def cell_config(args: argparse.Namespace, method: str, seed: int, baselines: boo
         config.train.batch_size = args.batch_size
     for item in args.override:
         key, _, value = item.partition("=")
+        try:
+            check_keys([key], config)
+        except KeyError as e:  # a typo would otherwise add a key no code reads
+            raise SystemExit(f"--override {item}: {e.args[0]}") from None
         set_path(config, key, value)
     if args.evals:
         keep = args.evals.split(",")

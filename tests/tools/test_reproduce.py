@@ -36,6 +36,14 @@ def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
     assert json.loads((tmp_path / "reproduce.json").read_text())["baselines"]["raw_pixels"]
 
 
+def test_override_of_an_unknown_key_names_the_nearest(tmp_path):
+    args = reproduce.parse_args(["--output", str(tmp_path), "--override=train.log_evry=1"])
+    with pytest.raises(SystemExit, match="train.log_evry.*Did you mean: train.log_every"):
+        reproduce.cell_config(args, "clip", 0)
+    args = reproduce.parse_args(["--output", str(tmp_path), "--override=train.log_every=7"])
+    assert reproduce.cell_config(args, "clip", 0).train.log_every == 7
+
+
 def test_cells_run_once_and_resume(embedded_data, tmp_path, monkeypatch):
     retrieval = {
         "type": "retrieval",
