@@ -99,9 +99,7 @@ def machine() -> dict[str, Any]:
         except Exception:  # not installed, or no __version__
             versions[module] = None
     info["versions"] = versions
-    info["allocator"] = (
-        "system" if os.environ.get(allocator.ENV) == "system" else allocator.find_tcmalloc()
-    ) or "system"
+    info["allocator"] = allocator.wanted() or "system"
     return info
 
 
@@ -115,13 +113,10 @@ def run_one(name: str, extra: Sequence[str], log_dir: str, timeout: int | None) 
     log = os.path.join(log_dir, f"{name}.log")
     script = os.path.join(ROOT, "tools", "benchmarks", f"{name}.py")
     cmd = [sys.executable, script, *extra, "--out", out]
-    env = dict(os.environ)
+    # The allocator the main command runs under (mmssl_jax.parallel.allocator), shared by both
+    # frameworks of a benchmark; MMSSL_JAX_ALLOCATOR=system measures glibc's.
+    env = allocator.preload_env(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-    tcmalloc = allocator.find_tcmalloc()
-    if tcmalloc and env.get(allocator.ENV, "tcmalloc") != "system":
-        # The allocator the main command runs under (mmssl_jax.parallel.allocator), shared by
-        # both frameworks of a benchmark; MMSSL_JAX_ALLOCATOR=system measures glibc's.
-        env["LD_PRELOAD"] = ":".join(filter(None, [tcmalloc, env.get("LD_PRELOAD")]))
     print(f"[benchmark] {name}: {shlex.join(cmd[1:])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:

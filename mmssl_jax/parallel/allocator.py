@@ -56,19 +56,32 @@ def loaded() -> str:
     return "system"
 
 
+def wanted() -> str | None:
+    """The tcmalloc library a command should preload: None when `MMSSL_JAX_ALLOCATOR=system`
+    or none is installed."""
+    if os.environ.get(ENV, "tcmalloc") == "system":
+        return None
+    return find_tcmalloc()
+
+
+def preload_env(env: dict[str, str]) -> dict[str, str]:
+    """A copy of `env` with the wanted tcmalloc first in `LD_PRELOAD` (unchanged if none)."""
+    env = dict(env)
+    path = wanted()
+    if path:
+        env["LD_PRELOAD"] = ":".join(filter(None, [path, env.get("LD_PRELOAD")]))
+    return env
+
+
 def use_tcmalloc() -> None:
     """Re-executes this command under tcmalloc, once, unless it runs under one already,
     `MMSSL_JAX_ALLOCATOR=system` says not to, or no tcmalloc is installed. Returns (without
     re-executing) in every case but the re-execution."""
-    if os.environ.get(ENV, "tcmalloc") == "system" or loaded() != "system":
+    if loaded() != "system" or os.environ.get(f"{ENV}_REEXEC"):  # REEXEC: do not loop
         return
-    if os.environ.get(f"{ENV}_REEXEC"):  # re-executed, yet not loaded: do not loop
+    if wanted() is None or not sys.orig_argv:
         return
-    path = find_tcmalloc()
-    if path is None or not sys.orig_argv:
-        return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = ":".join(filter(None, [path, env.get("LD_PRELOAD")]))
+    env = preload_env(os.environ)
     env[f"{ENV}_REEXEC"] = "1"
     sys.stdout.flush()
     sys.stderr.flush()

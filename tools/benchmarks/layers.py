@@ -114,14 +114,18 @@ def dense_case(seed: int) -> dict[str, Callable[[], None]]:
 
 
 def _autodiff_attention(q, k, v):
-    """`head_major_attention` as it was before its hand-written backward: XLA's derivative."""
-    import jax
-    import jax.numpy as jnp
+    """`head_major_attention`'s forward without its hand-written backward: XLA's derivative."""
+    from mmssl_jax.models import vit
 
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-    logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits * jnp.float32(q.shape[-1] ** -0.5), axis=-1)
-    return jnp.einsum("bnts,bnsh->bnth", probs.astype(v.dtype), v).transpose(0, 2, 1, 3)
+    return vit._softmax_attention_fwd(q, k, v, None)[0].transpose(0, 2, 1, 3)
+
+
+def _gelu_erfc(x):
+    """The GELU as `jax.nn.gelu` writes it (erfc): `gelu_exact` before it used erf."""
+    import jax
+
+    return jax.nn.gelu(x, approximate=False)
 
 
 def attention_case(seed: int) -> dict[str, Callable[[], None]]:
@@ -183,7 +187,6 @@ def layernorm_case(seed: int) -> dict[str, Callable[[], None]]:
 
 def gelu_case(seed: int) -> dict[str, Callable[[], None]]:
     import flax.linen as nn
-    import jax
     import torch
 
     from mmssl_jax.models.vit import gelu_exact
@@ -192,9 +195,9 @@ def gelu_case(seed: int) -> dict[str, Callable[[], None]]:
         def __call__(self, x):
             return gelu_exact(x)
 
-    class GeluErfc(nn.Module):  # the form before gelu_exact was written with erf
+    class GeluErfc(nn.Module):
         def __call__(self, x):
-            return jax.nn.gelu(x, approximate=False)
+            return _gelu_erfc(x)
 
     h = TOKENS["hidden"]
     fns = _module_pair(Gelu(), torch.nn.GELU(), h, h, seed)
@@ -248,8 +251,7 @@ def block_case(seed: int) -> dict[str, Callable[[], None]]:
     g = rng.standard_normal((b, t, d), np.float32)
     block = Block(d, heads)
     params = block.init(jax.random.key(seed), x[:1])
-    # The same block with the GELU written as jax.nn.gelu (erfc), as it was before gelu_exact.
-    block_erfc = Block(d, heads, act=lambda v: jax.nn.gelu(v, approximate=False))
+    block_erfc = Block(d, heads, act=_gelu_erfc)
     twin = train_bench.torch_block(d, heads, 1e-6, torch.nn.GELU(), False)
     tx = torch.from_numpy(x).requires_grad_()
     return {

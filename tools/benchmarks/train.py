@@ -611,7 +611,7 @@ def profile_ops(step: JaxStep, steps: int, top: int = 20) -> dict[str, float]:
         with gzip.open(path) as f:
             events = json.load(f)["traceEvents"]
     # Host-side events (Python frames, the executor's own spans) are not ops.
-    skip = ("$", "Thunk", "Pjit", "CommonPjRt")
+    skip = ("$", "Pjit", "CommonPjRt")
     kinds: collections.Counter = collections.Counter()
     for e in events:
         name = e.get("name", "")
