@@ -11,8 +11,9 @@ TensorFlow's and PyTorch's CPU performance guides advise doing by hand.
 
 A command that cannot re-execute itself (pytest has redirected its output by the time a
 conftest runs) takes the library from `python -m mmssl_jax.parallel.allocator`, which prints
-its path (nothing when absent): `LD_PRELOAD=$(python -m mmssl_jax.parallel.allocator) CMD`.
-`MMSSL_JAX_ALLOCATOR=system` keeps the C library's allocator. tcmalloc comes from the Debian
+its path (nothing when absent or opted out): `LD_PRELOAD=$(python -m
+mmssl_jax.parallel.allocator) CMD`. `MMSSL_JAX_ALLOCATOR=system` keeps the C library's
+allocator, for the re-execution and for that printed path alike. tcmalloc comes from the Debian
 package `libtcmalloc-minimal4` (tools/install.sh installs it); without it nothing changes.
 """
 
@@ -89,4 +90,4 @@ def use_tcmalloc() -> None:
 
 
 if __name__ == "__main__":
-    print(find_tcmalloc() or "")
+    print(wanted() or "")

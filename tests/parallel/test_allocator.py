@@ -43,3 +43,18 @@ def test_reexecutes_under_tcmalloc_once_with_the_same_arguments():
     assert _run(**{allocator.ENV: "system"}) == "system ['a', '--b=1']"
     # A re-executed process that still lacks it (a broken library) does not loop.
     assert _run(**{f"{allocator.ENV}_REEXEC": "1"}) == "system ['a', '--b=1']"
+
+
+def test_the_printed_path_honours_the_opt_out():
+    def printed(**env):
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(allocator.ENV)}
+        return subprocess.run(
+            [sys.executable, "-m", "mmssl_jax.parallel.allocator"],
+            env={**clean, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    assert printed() == (allocator.find_tcmalloc() or "")
+    assert printed(**{allocator.ENV: "system"}) == ""
