@@ -163,6 +163,10 @@ def embedded_evals(root: str = DATA_ROOT, image_size: int = 32) -> dict:
         evals["openclipart_retrieval"] = dict(
             type="retrieval", shards=clipart_test, image_size=image_size, limit=1000, captions=1
         )
+    # Stated, so the command line can turn them off (`--config.evals.NAME.baselines=False`):
+    # the raw-pixel and random-init reruns cost as much as the evaluations themselves.
+    for cfg in evals.values():
+        cfg["baselines"] = True
     return evals
 
 

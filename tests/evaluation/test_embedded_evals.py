@@ -344,3 +344,14 @@ def test_ridge_map_fits_on_a_seeded_random_subset_not_the_first_records():
     np.testing.assert_array_equal(rows, ridge.subset(100))  # deterministic
     np.testing.assert_array_equal(ridge.subset(7), np.arange(7))  # fewer than limit: all
     assert "seed" in ridge.identity() and "batch_size" not in ridge.identity()
+
+
+def test_baselines_can_be_turned_off_from_the_command_line():
+    """`--config.evals.NAME.baselines=False` names a key the config holds (main checks every
+    override with check_keys before absl parses), and a bool, so absl parses it as one."""
+    from configs.tiny_clip import get_config
+    from mmssl_jax.config_utils import check_keys
+
+    config = get_config()
+    check_keys([f"evals.{name}.baselines" for name in config.evals], config)
+    assert all(cfg.baselines is True for cfg in config.evals.values())
