@@ -366,6 +366,11 @@ def recipe(
             # their largest divisible dimension; tensors under fsdp_min_size_mb replicated.
             fsdp=False,
             fsdp_min_size_mb=4.0,
+            # A locked text tower's features computed once per distinct caption and fed to
+            # the step (mmssl_jax/training/text_cache.py): set below for the tiny recipes
+            # with text_lock, whose captions repeat; web captions rarely do.
+            cache_locked_text=False,
+            text_cache_entries=500_000,
             progress=True,
         )
     )
@@ -396,4 +401,5 @@ def recipe(
         config.data.tokenizer = ""  # the BERT directory's own tokenizer.json
         if args.text_lock:
             config.optim.freeze = tuple(lock_tower("text_encoder"))
+            config.train.cache_locked_text = tiny
     return config

@@ -101,8 +101,12 @@ class MultimodalModel(nn.Module):
         if self.text_encoder is None:
             raise ValueError("this model has no text encoder")
         out = self.text_encoder(tokens, train=train)
-        emb = self.text_projection(out["feature"]).astype(jnp.float32)
-        return {"emb": emb, "feature": out["feature"]}
+        return {"emb": self.project_text(out["feature"]), "feature": out["feature"]}
+
+    def project_text(self, feature: jax.Array) -> jax.Array:
+        """The joint-space text embedding (float32, unnormalised) of a text-tower feature:
+        a locked tower's cached features (training/text_cache.py) skip the tower."""
+        return self.text_projection(feature).astype(jnp.float32)
 
     def ssl_project(self, images: jax.Array, train: bool = False) -> jax.Array:
         """SimCLR embedding `[B, out]` float32 of `images` (encoder + head, as SLIP)."""

@@ -236,12 +236,18 @@ register_output(
     lambda f: f.module.image_projection(f.feature("image")).astype(jnp.float32),
     views=("image",),
 )
-register_output(
-    "text_emb",
-    lambda f: f.module.encode_text(f.batch["tokens"], train=f.train)["emb"],
-    batch_keys=("tokens",),
-    parts=("text_encoder",),
-)
+# The batch array that replaces "tokens" when the text tower is locked and its features are
+# cached (training/text_cache.py): then only the trainable projection runs in the step.
+TEXT_FEATURE = "text_feature"
+
+
+def _text_emb(f: Forward) -> jax.Array:
+    if TEXT_FEATURE in f.batch:  # a locked tower's features, cached by the trainer
+        return f.module.project_text(f.batch[TEXT_FEATURE])
+    return f.module.encode_text(f.batch["tokens"], train=f.train)["emb"]
+
+
+register_output("text_emb", _text_emb, batch_keys=("tokens",), parts=("text_encoder",))
 for _i, _view in enumerate(SSL_VIEWS):
     register_output(
         f"ssl_{_view[-1]}",

@@ -28,7 +28,7 @@ from mmssl_jax.config_utils import import_extensions
 from mmssl_jax.models.registry import build_model
 from mmssl_jax.objectives import outputs as outputs_lib
 from mmssl_jax.parallel import mesh as parallel
-from mmssl_jax.training import momentum, optim
+from mmssl_jax.training import momentum, optim, text_cache
 from mmssl_jax.training.param_rules import frozen_params
 from mmssl_jax.training.state import (
     TrainState,
@@ -126,6 +126,8 @@ class Trainer:
                 table,
                 rules_table(config.optim, self.state_shape.params, per_parameter=False),
             )
+        self.text_cache = None  # built by run() from the initial state, if cache_text
+        self.cache_text, self.cache_drops_tokens = self._plan_text_cache(needed)
         self.state_sharding = state_shardings(config.train, self.state_shape, self.mesh)
         self._init = jax.jit(init, static_argnums=0, out_shardings=self.state_sharding)
         step = make_train_step(
@@ -145,6 +147,36 @@ class Trainer:
             out_shardings=(self.state_sharding, replicated),
             donate_argnums=0,
         )
+
+    def _plan_text_cache(self, needed: Sequence[str]) -> tuple[bool, bool]:
+        """(cache the locked text tower's features?, drop the tokens from the step's batch?)
+        from `train.cache_locked_text`; raises when the tower it would cache is trainable."""
+        if not self.config.train.get("cache_locked_text", False):
+            return False, False
+        readers = [
+            n for n in outputs_lib.closure(needed) if "tokens" in outputs_lib.output(n).batch_keys
+        ]
+        if "text_emb" not in readers:
+            logging.info("train.cache_locked_text: no objective term reads text; nothing cached")
+            return False, False
+        trainable = text_cache.trainable_text_params(
+            frozen_params(self.config.optim), self.state_shape.params
+        )
+        if trainable:
+            raise ValueError(
+                "train.cache_locked_text=True needs the whole text tower frozen, but "
+                f"optim.freeze leaves {len(trainable)} of its parameters trainable (first: "
+                f"{trainable[0]}). Lock it (configs/common.py: text_lock=true) or set "
+                "--config.train.cache_locked_text=False."
+            )
+        if jax.process_count() > 1:
+            logging.warning(
+                "train.cache_locked_text is single-process only; %d processes train, so the "
+                "locked text tower runs in the step",
+                jax.process_count(),
+            )
+            return False, False
+        return True, readers == ["text_emb"]
 
     def abstract_state(self) -> TrainState:
         return jax.tree.map(
@@ -167,6 +199,8 @@ class Trainer:
 
     def batches(self) -> Iterator[dict[str, jax.Array]]:
         for batch in self.data_iter:
+            if self.text_cache is not None:
+                batch = self.text_cache.add_features(batch, self.cache_drops_tokens)
             yield parallel.to_global(batch, self.mesh)
 
     def run(
@@ -192,6 +226,12 @@ class Trainer:
         preemption = preemption or PreemptionHandler().install()
         state = self.initial_state(ckpt)
         start = int(jax.device_get(state.step))
+        if self.cache_text:
+            self.text_cache = text_cache.LockedTextCache(
+                self.model.text_encoder,
+                state.params["text_encoder"],
+                max_entries=cfg.get("text_cache_entries", 500_000),
+            )
         # The steps since the last log row, kept through a checkpoint, so a resumed run logs
         # exactly the rows of an uninterrupted one.
         pending: list[tuple[int, dict]] = self._load_pending(start)
@@ -235,6 +275,10 @@ class Trainer:
                         "step_time": elapsed / (done - n0),
                         "data_time": data_time / (done - n0),
                     }
+                    if self.text_cache is not None:  # since the start of this process
+                        stats = self.text_cache.stats()
+                        timing["text_cache/hit_rate"] = stats["hit_rate"]
+                        timing["text_cache/entries"] = stats["entries"]
                     last = self._flush(pending, writer, timing)
                     t0, n0, data_time = time.perf_counter(), done, 0.0
                     bar.set_postfix(

@@ -236,6 +236,30 @@ def test_linear_probe_beats_chance_and_equals_sklearn(digits):
     assert scores[best] == max(scores.values())
 
 
+def test_duplicate_and_constant_columns_merge_into_the_same_probe(digits):
+    # Digits as a gray RGB image (each pixel three times; some border pixels constant over
+    # train): the merged probe fits one column per varying pixel, and is sklearn's probe up
+    # to L-BFGS's tolerance (same objective value; scores within 0.05 of about +-10).
+    varying = int((np.ptp(digits[0], axis=0) > 0).sum())
+    assert varying < 64
+    x_tr, y_tr, x_te, y_te = (np.repeat(a, 3, axis=1) if a.ndim == 2 else a for a in digits)
+    scaled = StandardScaler().fit(x_tr)
+    merge = linear_probe.MergeDuplicateColumns().fit(scaled.transform(x_tr))
+    assert merge.transform(scaled.transform(x_te)).shape == (len(x_te), varying)
+    tight = dict(C=0.05, max_iter=5000, tol=1e-8)
+    direct = make_pipeline(StandardScaler(), LogisticRegression(**tight)).fit(x_tr, y_tr)
+    merged = linear_probe.make_probe(0.05)
+    merged.set_params(logisticregression__max_iter=5000, logisticregression__tol=1e-8)
+    merged.fit(x_tr, y_tr)
+    np.testing.assert_allclose(
+        merged.decision_function(x_te), direct.decision_function(x_te), atol=0.05
+    )
+    assert np.mean(merged.predict(x_te) == direct.predict(x_te)) > 0.995
+    no_duplicates = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    passthrough = linear_probe.MergeDuplicateColumns().fit(no_duplicates)
+    assert passthrough.transform(no_duplicates) is no_duplicates
+
+
 def test_svm_map_matches_sklearn(digits):
     x_tr, y_tr, x_te, y_te = (a[:400] for a in digits)
     Cs = (0.01, 0.1)
