@@ -8,6 +8,9 @@ Why these settings (the README's "Tuning the tiny recipe" table has every try):
 - UniCL over the mixture: Fashion-MNIST labels teach the image tower a domain the emoji lack;
 - 32 px, patch 4 (64 tokens): 64 px with patch 8 (same tokens) did not do better;
 - 16 text tokens: the emoji names and keywords fit, and MiniLM's cost is per token;
+- the locked tower's features cached per distinct caption (`train.cache_locked_text`, set by
+  `text_lock` in configs/common.py): 0.90 -> ~0.7 s per step once most captions were seen;
+  800 steps with it were still over the budget here (16 min with evaluation);
 - fixed steps and warmup: an "epoch" of a mixture that holds 60,000 Fashion-MNIST images
   would put the warmup (1 epoch) past the end of a short run.
 """
