@@ -168,6 +168,14 @@ def block_keys(available: Sequence[str]) -> list[str]:
     return sorted(blocks, key=lambda k: int(k[6:]))
 
 
+_GRID = re.compile(r"grid(\d+)")
+
+
+def grid_sizes(layers: Sequence[str]) -> tuple[int, ...]:
+    """The cell counts g of the "grid{g}" layers among `layers`, sorted, each once."""
+    return tuple(sorted({int(m.group(1)) for m in map(_GRID.fullmatch, layers) if m}))
+
+
 def resolve_layers(requested: Sequence[str], available: Sequence[str]) -> list[str]:
     """The requested feature layers the encoder gives ("blocks" expands); others are logged."""
     out: list[str] = []

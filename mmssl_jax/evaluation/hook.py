@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from mmssl_jax.evaluation.baselines import RidgeMap
+from mmssl_jax.evaluation.context import grid_sizes
 from mmssl_jax.evaluation.model_encoder import ModelEncoder
 from mmssl_jax.evaluation.runner import run_evals
 from mmssl_jax.models.registry import build_model
@@ -78,11 +79,19 @@ def make_evaluate(
         tokenizer = open_tokenizer(config)
     length = model_cfg.get("context_length", config.data.text_length)
     size = getattr(model.image_encoder, "image_size", None) or config.data.image_size
-    blocks = any(e.get("layers") for e in config.evals.values()) if config.get("evals") else False
+    evals = list(config.evals.values()) if config.get("evals") else []
+    blocks = any(e.get("layers") for e in evals)
+    grids = grid_sizes([layer for e in evals for layer in e.get("layers") or ()])
 
     def encoder(variables: dict[str, Any]) -> ModelEncoder:
         return ModelEncoder(
-            model, variables, tokenizer, text_length=length, with_blocks=blocks, mesh=mesh
+            model,
+            variables,
+            tokenizer,
+            text_length=length,
+            with_blocks=blocks,
+            mesh=mesh,
+            grids=grids,
         )
 
     def random_encoder() -> ModelEncoder:

@@ -91,10 +91,14 @@ class MultimodalModel(nn.Module):
         return getattr(self, name)(x, train=train).astype(jnp.float32)
 
     def encode_image(self, images: jax.Array, train: bool = False) -> dict:
-        """`{"emb": [B, embed_dim] float32 (unnormalised), "feature", "blocks"}`."""
+        """`{"emb": [B, embed_dim] float32 (unnormalised), "feature", "blocks"}`, and the
+        tower's spatial map `"grid"` [B, h, w, C] when it has one (ViT, ResNet)."""
         out = self.image_encoder(images, train=train)
         emb = self.image_projection(out["feature"]).astype(jnp.float32)
-        return {"emb": emb, "feature": out["feature"], "blocks": out["blocks"]}
+        result = {"emb": emb, "feature": out["feature"], "blocks": out["blocks"]}
+        if "grid" in out:
+            result["grid"] = out["grid"]
+        return result
 
     def encode_text(self, tokens: jax.Array, train: bool = False) -> dict:
         """`{"emb": [B, embed_dim] float32 (unnormalised), "feature": [B, text width]}`."""

@@ -64,9 +64,11 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """Bottleneck ResNet encoder.
 
-    `__call__(images [B, H, W, 3] float, train) -> {"feature": [B, 32 * width], "blocks": tuple}`.
+    `__call__(images [B, H, W, 3] float, train) -> {"feature": [B, 32 * width], "blocks": tuple,
+    "grid": [B, h, w, 32 * width]}`.
     `feature` is the global average pool of the last stage (2048-d for ResNet-50); `blocks[i]`
-    is the global average pool of stage i (widths 4w, 8w, 16w, 32w). With `train=True` the
+    is the global average pool of stage i (widths 4w, 8w, 16w, 32w); `grid` is the last
+    stage's map before that pool. With `train=True` the
     BatchNorm running statistics in `batch_stats` must be marked mutable.
     """
 
@@ -110,4 +112,4 @@ class ResNet(nn.Module):
                     name=f"layer{stage + 1}_{j}",
                 )(x, train)
             blocks.append(x.mean(axis=(1, 2)))
-        return {"feature": blocks[-1], "blocks": tuple(blocks)}
+        return {"feature": blocks[-1], "blocks": tuple(blocks), "grid": x}

@@ -300,10 +300,12 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT image encoder.
 
-    `__call__(images [B, H, W, 3] float, train) -> {"feature": [B, width], "blocks": tuple}`.
+    `__call__(images [B, H, W, 3] float, train) -> {"feature": [B, width], "blocks": tuple,
+    "grid": [B, H/p, W/p, width]}`.
     `feature` is the class token after the final norm (`pool="cls"`) or the mean of the patch
     tokens after the final norm (`pool="gap"`). `blocks[i]` is the class token (for "gap": the
-    patch-token mean) of the residual stream after block i, before the final norm.
+    patch-token mean) of the residual stream after block i, before the final norm. `grid` is
+    the patch tokens after the final norm in their image layout (spatial probes read it).
     `remat=True` rematerialises each block in the backward pass (less memory, ~30% more FLOPs).
 
     The defaults are timm's ViT (SLIP). OpenAI CLIP / open_clip ViTs (converted by
@@ -379,4 +381,6 @@ class VisionTransformer(nn.Module):
             )(x)
             blocks.append(pool(x))
         x = norm("norm")(x)
-        return {"feature": pool(x), "blocks": tuple(blocks)}
+        side = self.image_size // p
+        grid = x[:, 1:].reshape(batch, side, side, self.width)
+        return {"feature": pool(x), "blocks": tuple(blocks), "grid": grid}

@@ -107,6 +107,19 @@ def test_vit_tiny_shapes_and_blocks(tiny_vit):
     np.testing.assert_allclose(layer_norm(out["blocks"][-1], ln, 1e-6), out["feature"], atol=1e-4)
 
 
+def test_vit_grid_is_the_normed_patch_tokens_in_image_layout(tiny_vit):
+    enc, variables, x = tiny_vit
+    out, state = jax.jit(
+        lambda v, x: enc.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+    )(variables, x)
+    tokens = state["intermediates"]["blocks_1"]["__call__"][0]
+    normed = np.asarray(layer_norm(tokens, variables["params"]["norm"], 1e-6))
+    assert out["grid"].shape == (2, 8, 8, 128)
+    # Row-major patches: token 1 + r * 8 + c is the patch at row r, column c.
+    np.testing.assert_allclose(out["grid"][:, 2, 5], normed[:, 1 + 2 * 8 + 5], atol=1e-4)
+    np.testing.assert_allclose(out["grid"].reshape(2, 64, 128), normed[:, 1:], atol=1e-4)
+
+
 def test_vit_gap_is_mean_of_normed_patch_tokens(tiny_vit):
     enc, variables, x = tiny_vit
     gap = enc.clone(pool="gap")  # Same parameters: pooling is parameter-free.
@@ -300,6 +313,9 @@ def test_resnet_tiny_shapes_and_batch_stats():
     variables, (out, updates), eval_out = jax.jit(run)(KEY, x)
     assert out["feature"].shape == (2, 256)
     assert [b.shape for b in out["blocks"]] == [(2, 32), (2, 64), (2, 128), (2, 256)]
+    # The grid is the last stage's map before the pool that makes the feature.
+    assert out["grid"].shape == (2, 1, 1, 256)
+    np.testing.assert_allclose(out["grid"].mean(axis=(1, 2)), out["feature"], atol=1e-6)
     stem_mean = updates["batch_stats"]["bn1"]["mean"]
     assert stem_mean.shape == (8,) and float(jnp.abs(stem_mean).max()) > 0
     # Zero-init residual: each bottleneck's last BN scale starts at zero.
