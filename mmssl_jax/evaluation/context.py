@@ -168,6 +168,11 @@ def block_keys(available: Sequence[str]) -> list[str]:
     return sorted(blocks, key=lambda k: int(k[6:]))
 
 
+def wants_blocks(layers: Sequence[str]) -> bool:
+    """Whether `layers` name block features ("blocks" or any "block_{i}")."""
+    return "blocks" in layers or bool(block_keys(layers))
+
+
 _GRID = re.compile(r"grid(\d+)")
 
 

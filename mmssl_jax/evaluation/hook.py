@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from mmssl_jax.evaluation.baselines import RidgeMap
-from mmssl_jax.evaluation.context import grid_sizes
+from mmssl_jax.evaluation.context import grid_sizes, wants_blocks
 from mmssl_jax.evaluation.model_encoder import ModelEncoder
 from mmssl_jax.evaluation.runner import run_evals
 from mmssl_jax.models.registry import build_model
@@ -79,9 +79,9 @@ def make_evaluate(
         tokenizer = open_tokenizer(config)
     length = model_cfg.get("context_length", config.data.text_length)
     size = getattr(model.image_encoder, "image_size", None) or config.data.image_size
-    evals = list(config.evals.values()) if config.get("evals") else []
-    blocks = any(e.get("layers") for e in evals)
-    grids = grid_sizes([layer for e in evals for layer in e.get("layers") or ()])
+    evals = config.evals.values() if config.get("evals") else ()
+    layers = [layer for e in evals for layer in e.get("layers") or ()]
+    blocks, grids = wants_blocks(layers), grid_sizes(layers)  # what some evaluation reads
 
     def encoder(variables: dict[str, Any]) -> ModelEncoder:
         return ModelEncoder(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from input_pipeline import augment
-from mmssl_jax.evaluation.context import grid_sizes, layer_sources
+from mmssl_jax.evaluation.context import grid_sizes, layer_sources, wants_blocks
 from mmssl_jax.evaluation.model_encoder import ModelEncoder, grid_pool
 from mmssl_jax.models.model import MultimodalModel
 from mmssl_jax.models.registry import build_model
@@ -48,6 +48,9 @@ def test_grid_pool_of_a_divisible_map_is_the_mean_of_equal_blocks():
 def test_grid_sizes_parse_the_layer_names():
     assert grid_sizes(["feature", "grid4", "emb", "grid2", "grid4", "blocks"]) == (2, 4)
     assert grid_sizes(["feature", "gridx", "my_grid4"]) == ()
+    # Block features are computed only for an evaluation that reads them.
+    assert not wants_blocks(["feature", "grid4", "emb"])
+    assert wants_blocks(["feature", "blocks"]) and wants_blocks(["block_3"])
     # Raw pixels have no grid: their row reads their one feature.
     assert layer_sources(["grid4"], ["feature"]) == {"grid4": "feature"}
 

@@ -305,17 +305,20 @@ def test_resnet_tiny_shapes_and_batch_stats():
     enc = registry.get_image_encoder("resnet_tiny")
     x = images(32)
 
-    def run(key, x):  # One compiled program: init, a training step and an evaluation step.
+    def run(key, x, x64):  # One program: init, a training step and two evaluation steps.
         variables = enc.init(key, x)
         train = enc.apply(variables, x, train=True, mutable=["batch_stats"])
-        return variables, train, enc.apply(variables, x, train=False)
+        # Convolutions take any size: at 64 px the last stage's map is 2 x 2.
+        return variables, train, enc.apply(variables, x, train=False), enc.apply(variables, x64)
 
-    variables, (out, updates), eval_out = jax.jit(run)(KEY, x)
+    x64 = images(64)
+    variables, (out, updates), eval_out, out64 = jax.jit(run)(KEY, x, x64)
     assert out["feature"].shape == (2, 256)
     assert [b.shape for b in out["blocks"]] == [(2, 32), (2, 64), (2, 128), (2, 256)]
     # The grid is the last stage's map before the pool that makes the feature.
-    assert out["grid"].shape == (2, 1, 1, 256)
-    np.testing.assert_allclose(out["grid"].mean(axis=(1, 2)), out["feature"], atol=1e-6)
+    assert out["grid"].shape == (2, 1, 1, 256) and out64["grid"].shape == (2, 2, 2, 256)
+    np.testing.assert_allclose(out64["grid"].mean(axis=(1, 2)), out64["feature"], atol=1e-6)
+    assert not np.allclose(out64["grid"][:, 0, 0], out64["feature"], atol=1e-3)
     stem_mean = updates["batch_stats"]["bn1"]["mean"]
     assert stem_mean.shape == (8,) and float(jnp.abs(stem_mean).max()) > 0
     # Zero-init residual: each bottleneck's last BN scale starts at zero.
