@@ -6,28 +6,11 @@ term code at the same lr, and each runs through the Trainer elsewhere (tiny_clip
 and fault tests; tiny_simclr: below, a run without any text).
 """
 
-import importlib
-
 import numpy as np
 import pytest
 
-from mmssl_jax.training.metrics_writer import read_metrics
 from mmssl_jax.training.trainer import Trainer
-
-
-def tiny_config(name: str, data_root, **train):
-    config = importlib.import_module(f"configs.{name}").get_config(f"data={data_root}")
-    config.train.update(
-        dict(batch_size=64, total_steps=40, log_every=5, ckpt_every=1000, progress=False)
-    )
-    config.train.update(train)
-    config.optim.warmup_steps = 5
-    config.evals = {}
-    return config
-
-
-def curve(workdir, key: str = "loss") -> np.ndarray:
-    return np.array([row[key] for row in read_metrics(str(workdir))])
+from tests.training.tiny_runs import curves, tiny_config
 
 
 def head_and_tail(values: np.ndarray) -> tuple[float, float]:
@@ -56,14 +39,15 @@ def test_tiny_configs_learn(embedded_data, tmp_path, name):
     steps = LEARNING_STEPS[name]
     config = tiny_config(name, embedded_data, total_steps=steps, log_every=10, num_devices=1)
     last = Trainer(config, str(tmp_path)).run()
-    assert np.all(np.isfinite(curve(tmp_path)))
+    logged = curves(tmp_path)
+    assert np.all(np.isfinite(logged["loss"]))
     assert last["skipped_steps"] == 0
     for key, ratio in LOSS_DROPS[name].items():
-        head, tail = head_and_tail(curve(tmp_path, key))
-        assert tail < ratio * head, f"{name}: {key} did not drop: {curve(tmp_path, key)}"
+        head, tail = head_and_tail(logged[key])
+        assert tail < ratio * head, f"{name}: {key} did not drop: {logged[key]}"
     for key, ratio in ACCURACY_RISES[name].items():
-        head, tail = head_and_tail(curve(tmp_path, key))
-        assert tail > ratio * head, f"{name}: {key} did not rise: {curve(tmp_path, key)}"
+        head, tail = head_and_tail(logged[key])
+        assert tail > ratio * head, f"{name}: {key} did not rise: {logged[key]}"
 
 
 def test_image_only_recipe_trains(embedded_data, tmp_path):
@@ -72,7 +56,8 @@ def test_image_only_recipe_trains(embedded_data, tmp_path):
     trainer = Trainer(config, str(tmp_path))
     last = trainer.run()
     assert "tokens" not in trainer.batch_keys
-    assert np.all(np.isfinite(curve(tmp_path))) and last["skipped_steps"] == 0
+    logged = curves(tmp_path)
+    assert np.all(np.isfinite(logged["loss"])) and last["skipped_steps"] == 0
     # The updates moved the parameters: their norm changed between the logged rows.
-    norms = curve(tmp_path, "param_norm")
-    assert np.all(curve(tmp_path, "grad_norm") > 0) and norms[-1] != norms[0]
+    norms = logged["param_norm"]
+    assert np.all(logged["grad_norm"] > 0) and norms[-1] != norms[0]
