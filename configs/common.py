@@ -62,15 +62,22 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def train_source(
-    root: str, name: str, weight: float, use_labels: bool = False, templates: str = "simple"
+    root: str,
+    name: str,
+    weight: float,
+    use_labels: bool = False,
+    templates: str = "simple",
+    captions: int = 0,
 ) -> dict:
-    """One `data.sources` entry: ROOT/NAME/NAME-train-*.tfrecord with its class names."""
+    """One `data.sources` entry: ROOT/NAME/NAME-train-*.tfrecord with its class names
+    (`captions`: draw among each record's first texts only, 0: all)."""
     return dict(
         shards=f"{root}/{name}/{name}-train-*.tfrecord",
         weight=weight,
         classnames=f"{root}/{name}/{name}-classnames.json",
         use_labels=use_labels,
         prompt_templates=templates,
+        captions=captions,
     )
 
 
@@ -266,6 +273,7 @@ def recipe(
             dtype="float32",
             remat=False,
             attention_impl="",  # "": XLA's choice; "cudnn": fused kernel (NVIDIA GPU, bf16)
+            init_temperature=0.07,  # 1 / the learnable logit scale at init (CLIP's 0.07)
         )
     )
     config.extensions = tuple(extensions)

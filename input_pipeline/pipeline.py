@@ -107,6 +107,7 @@ def source_config(
     classnames: str = "",
     use_labels: bool = False,
     prompt_templates: str = "imagenet80",
+    captions: int = 0,
 ) -> ml_collections.ConfigDict:
     """One entry of `data.sources`.
 
@@ -119,6 +120,9 @@ def source_config(
                        False: caption data, `label` is -1 in the batch.
     prompt_templates:  template set for prompts (input_pipeline/templates: imagenet80,
                        imagenet7, simple) or a path to a JSON list of templates.
+    captions:          draw each step's caption among the first `captions` texts of a record
+                       (0: all of them); e.g. the embedded emoji's first three texts are its
+                       name and the name in two templates, the rest its single keywords.
     """
     return ml_collections.ConfigDict(
         {
@@ -127,6 +131,7 @@ def source_config(
             "classnames": classnames,
             "use_labels": bool(use_labels),
             "prompt_templates": prompt_templates,
+            "captions": int(captions),
         }
     )
 
@@ -277,6 +282,7 @@ class _Source:
     classnames: tuple | None
     templates: tuple[str, ...]
     label_offset: int
+    captions: int = 0  # how many of a record's first texts are drawn from (0: all)
 
     @property
     def num_classes(self) -> int | None:
@@ -329,6 +335,9 @@ def _make_sources(data_cfg: ml_collections.ConfigDict) -> tuple[list[_Source], l
                 next_offset += len(classnames)
             label_offset = offsets[key]
         templates = templates_lib.load_templates(cfg.get("prompt_templates", "imagenet80"))
+        captions = int(cfg.get("captions", 0))
+        if captions < 0:
+            raise ValueError(f"data.sources.{name}.captions must be >= 0 (0: all), got {captions}")
         sources.append(
             _Source(
                 name=name,
@@ -337,6 +346,7 @@ def _make_sources(data_cfg: ml_collections.ConfigDict) -> tuple[list[_Source], l
                 classnames=None if classnames is None else tuple(classnames),
                 templates=tuple(templates),
                 label_offset=label_offset,
+                captions=captions,
             )
         )
         weights.append(weight)
@@ -354,7 +364,8 @@ def _choice(rng: np.random.Generator, items: Sequence):
 
 
 def choose_text(example: Mapping[str, Any], source: _Source, rng: np.random.Generator) -> str:
-    """One caption (uniformly among a record's captions) or, for an image-label record of a
+    """One caption (uniformly among a record's captions, its first `source.captions` when
+    that is set) or, for an image-label record of a
     `use_labels` source without text, a random template over a random synonym of its class.
 
     Raises BadRecordError for an empty caption or a record with neither text nor label.
@@ -363,7 +374,7 @@ def choose_text(example: Mapping[str, Any], source: _Source, rng: np.random.Gene
     if texts:
         if not all(texts):
             raise records.BadRecordError("", f"empty caption in {example['texts']!r}")
-        return _choice(rng, texts)
+        return _choice(rng, texts[: source.captions] if source.captions > 0 else texts)
     label = example["label"]
     if not source.use_labels:
         raise records.BadRecordError("", "caption source record has no text")

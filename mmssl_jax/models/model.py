@@ -3,7 +3,8 @@
 This is CLIP/SLIP's model as one linen Module. The image and text features are projected to
 the joint space by bias-free `Projection`s (`image_projection`, `text_projection`); SLIP's
 SimCLR MLP (`ssl_head`) reads the RAW image feature, not the projection. Two scalar params
-serve the losses: `logit_scale` (log of the InfoNCE multiplier, init log(1/0.07)) and
+serve the losses: `logit_scale` (log of the InfoNCE multiplier, init log(1/0.07), or
+log(1/`init_temperature`)) and
 `logit_bias` (SigLIP's bias, init -10; it costs nothing when unused).
 
 `model.init(rng, images, tokens)` creates every parameter; the encode methods run parts of it:
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 from mmssl_jax.models.heads import MLPHead, Projection
 from mmssl_jax.models.vit import Dtype
 
-LOGIT_SCALE_INIT = math.log(1 / 0.07)
+INIT_TEMPERATURE = 0.07  # CLIP's: logit_scale starts at log(1 / 0.07)
+LOGIT_SCALE_INIT = math.log(1 / INIT_TEMPERATURE)
 LOGIT_BIAS_INIT = -10.0
 
 
@@ -45,6 +47,7 @@ class MultimodalModel(nn.Module):
       embed_dim: joint embedding size of both projections.
       ssl_head: SLIP's SimCLR MLP (`heads.simclr_head`) on the raw image feature, or None.
       max_logit_scale: `__call__` returns `exp(min(logit_scale, log(max_logit_scale)))`.
+      init_temperature: `logit_scale` starts at log(1 / init_temperature).
       dtype: compute dtype of the projections; `param_dtype` the storage dtype.
       heads: the objectives' extra heads as `(name, input, MLPHead fields)` triples, built
         by `extra_heads.head_specs` (topic_head, rotation_head, predictor, or one a user
@@ -57,6 +60,7 @@ class MultimodalModel(nn.Module):
     embed_dim: int = 512
     ssl_head: MLPHead | None = None
     max_logit_scale: float = 100.0
+    init_temperature: float = INIT_TEMPERATURE
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     heads: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...] = ()
@@ -66,9 +70,13 @@ class MultimodalModel(nn.Module):
         self.image_projection = proj()
         if self.text_encoder is not None:
             self.text_projection = proj()
-        self.logit_scale = self.param(
-            "logit_scale", nn.initializers.constant(LOGIT_SCALE_INIT), (), self.param_dtype
-        )
+        if not 1.0 / self.max_logit_scale <= self.init_temperature:
+            raise ValueError(
+                f"model.init_temperature={self.init_temperature} must be >= 1 / max_logit_scale"
+                f" ({1.0 / self.max_logit_scale:g}) and > 0"
+            )
+        init = nn.initializers.constant(math.log(1.0 / self.init_temperature))
+        self.logit_scale = self.param("logit_scale", init, (), self.param_dtype)
         self.logit_bias = self.param(
             "logit_bias", nn.initializers.constant(LOGIT_BIAS_INIT), (), self.param_dtype
         )

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from mmssl_jax.models.bert import BertEncoder
 from mmssl_jax.models.extra_heads import head_specs
 from mmssl_jax.models.heads import simclr_head
-from mmssl_jax.models.model import MultimodalModel
+from mmssl_jax.models.model import INIT_TEMPERATURE, MultimodalModel
 from mmssl_jax.models.resnet import ResNet
 from mmssl_jax.models.text import TextTransformer
 from mmssl_jax.models.vit import VisionTransformer
@@ -141,6 +141,7 @@ def build_model(cfg: Any) -> MultimodalModel:
         text_encoder=text,
         embed_dim=int(cfg.get("embed_dim", 512)),
         ssl_head=head,
+        init_temperature=float(cfg.get("init_temperature", INIT_TEMPERATURE)),
         dtype=dtype,
         heads=head_specs(cfg),
     )

@@ -265,9 +265,13 @@ def test_process_slices_are_disjoint(data):
     assert len(per_process[0] | per_process[1]) == 40
 
 
-def test_captions_are_chosen_at_random_among_a_records_texts(data):
+@pytest.mark.parametrize("captions, drawn", [(0, {0, 1}), (1, {0}), (5, {0, 1})])
+def test_captions_are_chosen_at_random_among_a_records_texts(data, captions, drawn):
+    # `captions` keeps a record's first texts (0 or more than it has: all of them).
     tok = Tokenizer(data["tokenizer"])
-    batches = _take(_config(data, text_length=32), 20, batch=4, needs={"tokens", "id_hash"})
+    cfg = _config(data, text_length=32)
+    cfg.sources.emoji.captions = captions
+    batches = _take(cfg, 20, batch=4, needs={"tokens", "id_hash"})
     by_hash = {zlib.crc32(sid.encode()) & 0x7FFFFFFF: t for sid, t in data["captions"].items()}
     seen_variants = set()
     for b in batches:
@@ -275,7 +279,14 @@ def test_captions_are_chosen_at_random_among_a_records_texts(data):
             texts = by_hash[h]
             assert text in texts
             seen_variants.add(texts.index(text))
-    assert seen_variants == {0, 1}
+    assert seen_variants == drawn
+
+
+def test_negative_captions_is_an_error_naming_the_source(data):
+    cfg = _config(data)
+    cfg.sources.emoji.captions = -1
+    with pytest.raises(ValueError, match=r"data\.sources\.emoji\.captions"):
+        _take(cfg, 1)
 
 
 def test_image_label_records_get_prompts(data):

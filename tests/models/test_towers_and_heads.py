@@ -372,6 +372,16 @@ def test_model_init_creates_every_param(tiny_model):
     assert set(variables["batch_stats"]) == {"ssl_head"}
 
 
+def test_init_temperature_sets_the_logit_scale_and_is_checked():
+    cfg = tiny_model_cfg(init_temperature=0.02, ssl_head=None)
+    model = registry.build_model(cfg)
+    x, tokens = images(32), jnp.zeros((2, 16), jnp.int32)
+    params = init(model, x, tokens)["params"]
+    np.testing.assert_allclose(params["logit_scale"], np.log(50.0), rtol=1e-6)
+    with pytest.raises(ValueError, match="init_temperature"):
+        init(registry.build_model(tiny_model_cfg(init_temperature=0.001, ssl_head=None)), x, tokens)
+
+
 def test_model_methods(tiny_model):
     model, variables, x, tokens = tiny_model
 
