@@ -11,6 +11,10 @@ Why these settings (the README's "Tuning the tiny recipe" table has every try):
 - the locked tower's features cached per distinct caption (`train.cache_locked_text`, set by
   `text_lock` in configs/common.py): 0.90 -> ~0.7 s per step once most captions were seen;
   800 steps with it were still over the budget here (16 min with evaluation);
+- CLIP crops of 80-100% of the image (not 50-100%) and, for 40% of the emoji draws, a caption
+  among an emoji's name and its two templated names only (`emoji_names`, `captions=3`; the
+  rest draw among every text): held-out emoji R@1 8.5 -> 10.3%, Fashion-MNIST zero-shot
+  58.7 -> 65.8%, the 99-subgroup zero-shot 22.5 -> 21.5% (one seed each);
 - fixed steps and warmup: an "epoch" of a mixture that holds 60,000 Fashion-MNIST images
   would put the warmup (1 epoch) past the end of a short run.
 """
@@ -26,4 +30,8 @@ def get_config(arg=None):
     config.data.text_length = 16
     config.train.update(total_steps=400, log_every=20, ckpt_every=200)
     config.optim.warmup_steps = 25
+    config.data.clip_scale = (0.8, 1.0)
+    emoji = dict(config.data.sources.emoji)
+    config.data.sources.emoji.weight = 0.6
+    config.data.sources.emoji_names = dict(emoji, weight=0.4, captions=3)
     return config
