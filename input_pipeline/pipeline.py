@@ -364,9 +364,9 @@ def _choice(rng: np.random.Generator, items: Sequence):
 
 
 def choose_text(example: Mapping[str, Any], source: _Source, rng: np.random.Generator) -> str:
-    """One caption (uniformly among a record's captions, its first `source.captions` when
-    that is set) or, for an image-label record of a
-    `use_labels` source without text, a random template over a random synonym of its class.
+    """One caption (uniformly among a record's first `source.captions` texts, 0: all) or, for
+    an image-label record of a `use_labels` source without text, a random template over a
+    random synonym of its class.
 
     Raises BadRecordError for an empty caption or a record with neither text nor label.
     """
@@ -374,7 +374,7 @@ def choose_text(example: Mapping[str, Any], source: _Source, rng: np.random.Gene
     if texts:
         if not all(texts):
             raise records.BadRecordError("", f"empty caption in {example['texts']!r}")
-        return _choice(rng, texts[: source.captions] if source.captions > 0 else texts)
+        return _choice(rng, records.first_texts(texts, source.captions))
     label = example["label"]
     if not source.use_labels:
         raise records.BadRecordError("", "caption source record has no text")

@@ -30,6 +30,12 @@ class BadRecordError(ValueError):
         self.where, self.reason = where, reason
 
 
+def first_texts(texts: Sequence[str], count: int) -> list[str]:
+    """A record's first `count` texts (0: all): the captions a source trains on
+    (`data.sources.NAME.captions`) or an evaluation retrieves (`evals.NAME.captions`)."""
+    return list(texts[:count] if count > 0 else texts)
+
+
 def encode_example(
     *,
     image: bytes,

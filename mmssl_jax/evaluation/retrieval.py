@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from input_pipeline.records import first_texts
 from mmssl_jax.evaluation import context
 from mmssl_jax.evaluation.encoder import l2_normalize
 
@@ -120,8 +121,7 @@ def flatten_captions(
     captions of each image (0: all). Images with none are skipped."""
     texts, owner = [], []
     for i, caps in enumerate(captions):
-        caps = [caps] if isinstance(caps, str) else list(caps)
-        caps = caps[:per_image] if per_image > 0 else caps
+        caps = first_texts([caps] if isinstance(caps, str) else list(caps), per_image)
         texts.extend(caps)
         owner.extend([i] * len(caps))
     return texts, np.asarray(owner, np.int64)

@@ -3,9 +3,8 @@
 This is CLIP/SLIP's model as one linen Module. The image and text features are projected to
 the joint space by bias-free `Projection`s (`image_projection`, `text_projection`); SLIP's
 SimCLR MLP (`ssl_head`) reads the RAW image feature, not the projection. Two scalar params
-serve the losses: `logit_scale` (log of the InfoNCE multiplier, init log(1/0.07), or
-log(1/`init_temperature`)) and
-`logit_bias` (SigLIP's bias, init -10; it costs nothing when unused).
+serve the losses: `logit_scale` (log of the InfoNCE multiplier, init log(1/init_temperature),
+CLIP's 0.07 by default) and `logit_bias` (SigLIP's bias, init -10; it costs nothing when unused).
 
 `model.init(rng, images, tokens)` creates every parameter; the encode methods run parts of it:
 
@@ -73,7 +72,7 @@ class MultimodalModel(nn.Module):
         if not 1.0 / self.max_logit_scale <= self.init_temperature:
             raise ValueError(
                 f"model.init_temperature={self.init_temperature} must be >= 1 / max_logit_scale"
-                f" ({1.0 / self.max_logit_scale:g}) and > 0"
+                f" ({1.0 / self.max_logit_scale:g})"
             )
         init = nn.initializers.constant(math.log(1.0 / self.init_temperature))
         self.logit_scale = self.param("logit_scale", init, (), self.param_dtype)
