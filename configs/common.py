@@ -109,6 +109,8 @@ def embedded_evals(root: str = DATA_ROOT, image_size: int = 32) -> dict:
       99 subgroups / their 9 groups (`label_map`: emoji-groups.json), template set `emoji`.
     - fashion_zero_shot: the Fashion-MNIST test split, 10 classes, template set `fashion`.
     - emoji_retrieval (+ openclipart_retrieval when its shards exist): held-out captions.
+    - emojione_* / symbola_* (when built): the same zero-shot and retrieval on the held-out
+      emoji drawn in other art styles, a transfer check beyond the training font.
     - emoji_linear_probe: train on emoji train, test on held-out emoji, 99 subgroups (test
       holds only some of them; see linear_probe.py); fashion_linear_probe beside it, on the
       class token and on the patch tokens pooled to 4 x 4 cells ("grid4").
@@ -177,6 +179,14 @@ def embedded_evals(root: str = DATA_ROOT, image_size: int = 32) -> dict:
         evals["openclipart_retrieval"] = dict(
             type="retrieval", shards=clipart_test, image_size=image_size, limit=1000, captions=1
         )
+    # The held-out emoji in other art styles (EmojiOne, Symbola; input_pipeline/sources/
+    # emoji_styles.py), when built: does the tower transfer beyond Noto's art? Retrieval is
+    # over the names the style covers (366 and 234 of the 766), so its R@1 is not the Noto one's.
+    for style in ("emojione", "symbola"):
+        shards = f"{root}/emoji_styles/{style}-test-*.tfrecord"
+        if glob.glob(shards):
+            evals[f"{style}_zero_shot"] = dict(evals["emoji_zero_shot"], shards=shards)
+            evals[f"{style}_retrieval"] = dict(evals["emoji_retrieval"], shards=shards)
     # Stated, so the command line can turn them off (`--config.evals.NAME.baselines=False`):
     # the raw-pixel and random-init reruns cost as much as the evaluations themselves.
     for cfg in evals.values():

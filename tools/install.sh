@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # libtcmalloc-minimal4: the allocator the main command re-executes itself under
 # (mmssl_jax/parallel/allocator.py: without it XLA:CPU page-faults each step's buffers in again).
-DEBS="fonts-noto-color-emoji unicode-data unicode-cldr-core dataset-fashion-mnist openclipart-png openclipart-svg libtcmalloc-minimal4"
+DEBS="fonts-noto-color-emoji unicode-data unicode-cldr-core dataset-fashion-mnist openclipart-png openclipart-svg libtcmalloc-minimal4 ruby-gemojione fonts-symbola"
 missing=""
 for p in $DEBS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

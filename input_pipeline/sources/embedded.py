@@ -9,11 +9,17 @@
                                      their SVG captions, split by title
     OUTPUT_DIR/tokenizer/spm.model     sentencepiece on the emoji and OpenClipArt train captions
                                        + the fashion classes
+    OUTPUT_DIR/emoji_styles/{emojione,symbola}-test-00000-of-00001.tfrecord (+ the emoji side
+                                     files): the held-out emoji (emoji's test split, labels
+                                     and texts) in other art styles, for evaluation only
     OUTPUT_DIR/manifest.json           what was built, from which inputs, with which counts
 
 OpenClipArt (Debian openclipart-png, openclipart-svg) is optional: when it is not installed,
 or disabled (`openclipart=False`, `--no_openclipart`), the build says so loudly and records
 {"skipped": reason} as its manifest part, so machines without it still build the rest.
+The emoji art styles (Debian ruby-gemojione, fonts-symbola) are optional the same way, per
+style (`with_emoji_styles=False` leaves both out); their part records per style how many
+held-out emoji it covers and why the others were skipped.
 
 Each part records a key (hashes of its input files, of the code that builds it, and of its
 parameters) in the manifest; a part whose key is unchanged and whose outputs are all still
@@ -30,7 +36,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from input_pipeline.sources import emoji, fashion_mnist, openclipart, shard_writer
+from input_pipeline.sources import emoji, emoji_styles, fashion_mnist, openclipart, shard_writer
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -51,6 +57,13 @@ _CODE = {
         "tfrecord.py",
     ],
     "tokenizer": ["tokenizers/spm.py", "sources/embedded.py"],
+    "emoji_styles": [
+        "sources/emoji_styles.py",
+        "sources/emoji.py",
+        "sources/shard_writer.py",
+        "records.py",
+        "tfrecord.py",
+    ],
 }
 OPENCLIPART_PARAMS = {
     "test_fraction": 0.2,
@@ -58,6 +71,12 @@ OPENCLIPART_PARAMS = {
     "format": "jpeg",
     "drop_categories": sorted(openclipart.DROP_CATEGORIES),
     "max_pixels": openclipart.MAX_PIXELS,
+}
+EMOJI_STYLES_PARAMS = {
+    "test_fraction": 0.2,
+    "image_size": 128,
+    "format": "jpeg",
+    "symbola_size": emoji_styles.SYMBOLA_SIZE,
 }
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
 
@@ -187,6 +206,81 @@ def _openclipart_missing(png_dir: str, svg_dir: str) -> str | None:
     )
 
 
+def _emoji_styles_part(
+    output_dir: str,
+    old_entry: dict | None,
+    *,
+    limit: int | None,
+    enabled: bool,
+    paths: dict[str, str] | None,
+    workers: int | None,
+    progress: bool,
+    log,
+) -> dict:
+    """The emoji_styles manifest part: per style a shard entry with its `coverage`, or
+    {"skipped": reason} (logged loudly) when its package is missing; {"skipped": reason} for
+    the whole part when disabled. Kept as it is when its key and outputs are unchanged."""
+    if not enabled:
+        reason = "disabled (with_emoji_styles=False)"
+        log(f"emoji_styles: WARNING: SKIPPED, no emoji art-style evaluation shards: {reason}")
+        return {"skipped": reason}
+    paths = {
+        "emojione": emoji_styles.EMOJIONE_DIR,
+        "symbola": emoji_styles.SYMBOLA_FONT,
+        **(paths or {}),
+    }
+    missing = {s: emoji_styles.missing_reason(s, paths[s]) for s in emoji_styles.STYLES}
+    for style, reason in missing.items():
+        if reason:
+            log(f"emoji_styles/{style}: WARNING: SKIPPED, no {style} evaluation shards: {reason}")
+    built = [s for s in emoji_styles.STYLES if not missing[s]]
+    inputs = [emoji.EMOJI_TEST, *emoji.ANNOTATIONS]
+    if "symbola" in built:
+        inputs.append(paths["symbola"])
+    params = {"limit": limit, **EMOJI_STYLES_PARAMS, "styles": {s: paths[s] for s in built}}
+    key, hashes = _key(inputs, _CODE["emoji_styles"], params)
+    if "emojione" in built:
+        hashes["listing:emojione"] = listing_hash(paths["emojione"])
+        key = hashlib.sha256(json.dumps([key, hashes], sort_keys=True).encode()).hexdigest()
+    if (
+        old_entry
+        and old_entry.get("key") == key
+        and built
+        and _outputs_intact(output_dir, old_entry)
+    ):
+        log("emoji_styles: up to date, skipped")
+        return old_entry
+    styles: dict[str, dict] = {}
+    for style in emoji_styles.STYLES:
+        if missing[style]:
+            styles[style] = {"skipped": missing[style]}
+            continue
+        try:
+            summary, counts = emoji_styles.write_style(
+                style,
+                output_dir,
+                workers=workers,
+                progress=progress,
+                log=log,
+                limit=limit,
+                test_fraction=EMOJI_STYLES_PARAMS["test_fraction"],
+                image_size=EMOJI_STYLES_PARAMS["image_size"],
+                **{"emojione_dir" if style == "emojione" else "symbola_font": paths[style]},
+            )
+        except shard_writer.NoRecordsError as e:  # e.g. an emoji_limit with no test emoji
+            log(f"emoji_styles/{style}: WARNING: SKIPPED, no records: {e}")
+            styles[style] = {"skipped": f"no records: {e}"}
+            continue
+        entry = _shard_entry(output_dir, summary, key, hashes)
+        del entry["key"], entry["inputs"]
+        entry["coverage"] = counts
+        styles[style] = entry
+    if not built:
+        return {"skipped": "; ".join(r for r in missing.values() if r), "styles": styles}
+    files = {k: v for s in styles.values() for k, v in s.get("files", {}).items()}
+    return {"key": key, "inputs": hashes, "styles": styles, "files": files}
+
+
 def build_embedded(
     output_dir: str = "data",
     *,
@@ -195,6 +289,8 @@ def build_embedded(
     openclipart_limit: int | None = None,
     with_openclipart: bool = True,
     openclipart_dirs: tuple[str, str] = (openclipart.PNG_DIR, openclipart.SVG_DIR),
+    with_emoji_styles: bool = True,
+    emoji_styles_paths: dict[str, str] | None = None,
     workers: int | None = None,
     force: bool = False,
     progress: bool = True,
@@ -204,7 +300,9 @@ def build_embedded(
     manifest, which is also written to OUTPUT_DIR/manifest.json.
 
     The *_limit arguments build a subset (tests); `with_openclipart=False` or a missing
-    OpenClipArt install (`openclipart_dirs`: PNG and SVG roots) skips that part loudly.
+    OpenClipArt install (`openclipart_dirs`: PNG and SVG roots) skips that part loudly; so
+    do `with_emoji_styles=False` or a missing style (`emoji_styles_paths`: style -> the
+    EmojiOne PNG directory or the Symbola .ttf), the latter per style.
     """
     start = time.perf_counter()
     os.makedirs(output_dir, exist_ok=True)
@@ -334,11 +432,23 @@ def build_embedded(
             "files": _file_sizes(output_dir, [model]),
         }
 
+    # The held-out emoji in other art styles (evaluation only; optional, per style).
+    parts["emoji_styles"] = _emoji_styles_part(
+        output_dir,
+        old.get("parts", {}).get("emoji_styles"),
+        limit=emoji_limit,
+        enabled=with_emoji_styles,
+        paths=emoji_styles_paths,
+        workers=workers,
+        progress=progress,
+        log=log,
+    )
+
     manifest = {
         "version": MANIFEST_VERSION,
         "description": "mmssl_jax embedded default: emoji and OpenClipArt image-text pairs, "
-        "Fashion-MNIST image-label data and a sentencepiece tokenizer "
-        "(tools/make_shards.py embedded)",
+        "Fashion-MNIST image-label data, a sentencepiece tokenizer and the held-out emoji in "
+        "other art styles (tools/make_shards.py embedded)",
         "parts": parts,
         "elapsed_s": round(time.perf_counter() - start, 2),
     }

@@ -180,7 +180,12 @@ def render(text: str, image_size: int, font_path: str = FONT) -> Image.Image:
             f"shaped as {advance / one:.1f} glyphs, not one (a sequence the font or the "
             "text shaper cannot join; is raqm available?)"
         )
-    glyph = canvas.crop(box)
+    return square_on_white(canvas.crop(box), image_size)
+
+
+def square_on_white(glyph: Image.Image, image_size: int) -> Image.Image:
+    """An RGBA glyph pasted centred on a white square of its longer side, resized (LANCZOS)
+    to `image_size`: every emoji art style goes through this one framing."""
     w, h = glyph.size
     side = max(w, h)
     square = Image.new("RGB", (side, side), (255, 255, 255))

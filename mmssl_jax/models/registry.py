@@ -36,6 +36,13 @@ IMAGE_ENCODERS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     ),
     "resnet50": (ResNet, {"stage_sizes": (3, 4, 6, 3), "width": 64}),
     "resnet_tiny": (ResNet, {"stage_sizes": (1, 1, 1, 1), "width": 8}),
+    "resnet18": (ResNet, {"stage_sizes": (2, 2, 2, 2), "width": 64, "block": "basic"}),
+    # A ResNet-10 of basic blocks with the 3x3 stem for 32 px images (stage 1 at 32 x 32,
+    # the last at 4 x 4): the convolutional counterpart of vit_tiny for the CPU recipes.
+    "resnet10_32": (
+        ResNet,
+        {"stage_sizes": (1, 1, 1, 1), "width": 32, "block": "basic", "stem": "cifar"},
+    ),
 }
 
 TEXT_ENCODERS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {

@@ -139,6 +139,14 @@ def test_embedded_evals_config(tmp_path):
     (tmp_path / "openclipart" / "openclipart-test-00000-of-00001.tfrecord").write_bytes(b"")
     evals = embedded_evals(str(tmp_path), 32)
     assert evals["openclipart_retrieval"]["type"] == "retrieval"
+    assert "emojione_zero_shot" not in evals and "symbola_retrieval" not in evals
+    (tmp_path / "emoji_styles").mkdir()
+    (tmp_path / "emoji_styles" / "emojione-test-00000-of-00001.tfrecord").write_bytes(b"")
+    evals = embedded_evals(str(tmp_path), 32)
+    style = evals["emojione_zero_shot"]
+    assert style["shards"].endswith("emoji_styles/emojione-test-*.tfrecord")
+    assert style["classnames"] == evals["emoji_zero_shot"]["classnames"]  # the same 99 labels
+    assert evals["emojione_retrieval"]["captions"] == 1 and "symbola_zero_shot" not in evals
     for name, cfg in evals.items():
         runner.normalize_config(name, cfg)  # every key is one its evaluator knows
 

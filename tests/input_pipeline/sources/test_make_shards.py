@@ -467,6 +467,7 @@ def test_embedded_default_skips_when_up_to_date(tmp_path):
         "fashion_mnist: up to date, skipped",
         skip,
         "tokenizer: up to date, skipped",
+        "emoji_styles: up to date, skipped",
     ]
     assert second["parts"] == parts and os.stat(shard).st_mtime_ns == mtime
     # A changed parameter rebuilds that part only (the tokenizer's inputs did not change).
