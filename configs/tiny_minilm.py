@@ -1,4 +1,4 @@
-"""The quick start's recipe: the tiny ViT from scratch against the pretrained all-MiniLM-L6-v2
+"""The quick start's recipe: a small ResNet from scratch against the pretrained all-MiniLM-L6-v2
 text tower, locked (LiT's "U L"), on all of the embedded data (emoji with all their texts,
 OpenClipArt, Fashion-MNIST labels as UniCL prompts), within about 15 minutes on 2 cores.
 
@@ -6,7 +6,11 @@ Why these settings (the README's "Tuning the tiny recipe" table has every try):
 - the locked MiniLM: zero-shot over the 99 emoji subgroups 2.4% (tiny SLIP, own text tower)
   -> 12-21%; with stop_gradient on the locked tower a step costs its forward only;
 - UniCL over the mixture: Fashion-MNIST labels teach the image tower a domain the emoji lack;
-- 32 px, patch 4 (64 tokens): 64 px with patch 8 (same tokens) did not do better;
+- ResNet-10 of basic blocks with a 3x3 stem (`resnet10_32`, 1.2M parameters) in place of the
+  tiny ViT (0.8M): at the same 400 steps held-out emoji R@1 10.3 -> 16.6%, Fashion-MNIST
+  zero-shot 65.9 -> 76.8%, the 99-subgroup zero-shot 21.5 -> 20.5% (one seed each); from
+  2,889 training emoji a convolution's prior beats a ViT's, at about 1.4x the step;
+- 32 px: 64 px (ViT, patch 8) did not do better;
 - 16 text tokens: the emoji names and keywords fit, and MiniLM's cost is per token;
 - the locked tower's features cached per distinct caption (`train.cache_locked_text`, set by
   `text_lock` in configs/common.py): 0.90 -> ~0.7 s per step once most captions were seen;
@@ -26,6 +30,7 @@ DATA = "text=bert,text_lock=true,fashion=0.5,openclipart=0.5"
 
 def get_config(arg=None):
     config = recipe("unicl", "tiny", ",".join(filter(None, [DATA, arg])))
+    config.model.image_encoder = "resnet10_32"
     config.model.context_length = 16
     config.data.text_length = 16
     config.train.update(total_steps=400, log_every=20, ckpt_every=200)
