@@ -6,10 +6,12 @@ from scratch), the same tiny image tower and budget, several seeds each.
 
 Every cell (method x seed) is one workdir, OUTPUT/runs/METHOD_sSEED, trained by the
 project's Trainer at that method's own recipe (configs/tiny_METHOD.py: its lr, weight decay,
-objectives) and evaluated by its config.evals; the cell's numbers go to
-OUTPUT/runs/METHOD_sSEED/cell.json. A cell with a cell.json is not run again and a cell
-stopped half-way resumes from its checkpoint, so a long comparison survives a stop: run the
-same command again. A progress bar counts cells, with the rate of the cells run so far.
+objectives) for one shared budget (by default the CLIP recipe's 10 epochs over the emoji
+pairs, 220 steps at batch 128, warmup one such epoch) and evaluated by its config.evals;
+the cell's numbers go to OUTPUT/runs/METHOD_sSEED/cell.json. A cell with a cell.json is not
+run again and a cell stopped half-way resumes from its checkpoint, so a long comparison
+survives a stop: run the same command again. A progress bar counts cells, with the rate of
+the cells run so far.
 
 Writes OUTPUT/reproduce.json (every cell, and mean/std per method), OUTPUT/reproduce.md (the
 table, mean +- std over seeds, with the baselines: raw pixels, random init, and the ridge map
@@ -52,7 +54,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", default="reproduce", help="output folder")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (>= 3 for a spread)")
-    p.add_argument("--steps", type=int, default=-1, help="> 0: steps per cell (same for all)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=-1,
+        help="> 0: steps per cell; default: the CLIP recipe's epochs over the emoji pairs, for"
+        " every method, with a warmup of one such epoch (a mixture's epoch would be 60k+ records)",
+    )
     p.add_argument("--batch_size", type=int, default=-1, help="> 0: batch size of every cell")
     p.add_argument("--override", action="append", default=[], help="key=value for every cell")
     p.add_argument("--evals", default="", help="comma-separated: keep only these config.evals")
@@ -69,10 +77,12 @@ def cell_config(args: argparse.Namespace, method: str, seed: int, baselines: boo
     config.seed = seed
     config.data.seed = seed
     config.train.progress = False
-    if args.steps > 0:
-        config.train.total_steps = args.steps
     if args.batch_size > 0:
         config.train.batch_size = args.batch_size
+    steps, warmup = shared_budget(args, config.train.batch_size)
+    config.train.total_steps = steps
+    if warmup > 0:
+        config.optim.warmup_steps = warmup
     for item in args.override:
         key, _, value = item.partition("=")
         try:
@@ -90,6 +100,21 @@ def cell_config(args: argparse.Namespace, method: str, seed: int, baselines: boo
         for name in config.evals:
             config.evals[name]["baselines"] = False
     return config
+
+
+def shared_budget(args: argparse.Namespace, batch_size: int) -> tuple[int, int]:
+    """(steps, warmup steps) of every cell: `--steps` (warmup left to the recipe), or else the
+    CLIP recipe's epochs over its own training records (the emoji pairs) at `batch_size`, with
+    one such epoch of warmup. The trainer's epoch counts every source, so without this a
+    method that mixes in Fashion-MNIST's 60,000 images (UniCL) would train ~20x longer, its
+    warmup alone longer than the others' whole run."""
+    if args.steps > 0:
+        return args.steps, -1
+    from mmssl_jax.training.trainer import num_records
+
+    clip = importlib.import_module(f"configs.{METHODS['clip'][0]}").get_config(f"data={args.data}")
+    per_epoch = max(1, num_records(clip.data) // batch_size)
+    return max(1, round(clip.train.epochs * per_epoch)), per_epoch
 
 
 def set_path(config, key: str, value: str) -> None:
@@ -127,7 +152,7 @@ def run_cell(args: argparse.Namespace, method: str, seed: int, baselines: bool =
     cell = {
         "method": method,
         "seed": seed,
-        "steps": int(config.train.total_steps) if config.train.total_steps > 0 else None,
+        "steps": int(config.train.total_steps),
         "train_s": round(train_s, 1),
         "total_s": round(time.perf_counter() - start, 1),
         "metrics": {k: float(v) for k, v in metrics.items()},

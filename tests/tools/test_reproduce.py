@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from input_pipeline import tfrecord
 from tools import reproduce
 
 
@@ -37,11 +38,30 @@ def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
 
 
 def test_override_of_an_unknown_key_names_the_nearest(tmp_path):
-    args = reproduce.parse_args(["--output", str(tmp_path), "--override=train.log_evry=1"])
+    out = ["--output", str(tmp_path), "--steps=5"]
+    args = reproduce.parse_args([*out, "--override=train.log_evry=1"])
     with pytest.raises(SystemExit, match="train.log_evry.*Did you mean: train.log_every"):
         reproduce.cell_config(args, "clip", 0)
-    args = reproduce.parse_args(["--output", str(tmp_path), "--override=train.log_every=7"])
+    args = reproduce.parse_args([*out, "--override=train.log_every=7"])
     assert reproduce.cell_config(args, "clip", 0).train.log_every == 7
+
+
+def test_every_method_gets_the_clip_recipes_budget(embedded_data, tmp_path):
+    """Without --steps each cell trains the CLIP recipe's epochs over the emoji pairs, warmup
+    one such epoch, even where a mixture (UniCL + Fashion-MNIST) makes an epoch far longer."""
+    args = reproduce.parse_args([f"--data={embedded_data}", f"--output={tmp_path}"])
+    emoji = len(tfrecord.TFRecordSource(str(embedded_data / "emoji" / "emoji-train-*.tfrecord")))
+    clip = reproduce.cell_config(args, "clip", 0)
+    per_epoch = emoji // clip.train.batch_size
+    unicl = reproduce.cell_config(args, "unicl", 0)
+    assert len(unicl.data.sources) == 2  # the mixture
+    for config in (clip, unicl, reproduce.cell_config(args, "slip", 1)):
+        assert config.train.total_steps == round(clip.train.epochs * per_epoch)
+        assert config.optim.warmup_steps == per_epoch
+    args = reproduce.parse_args([f"--data={embedded_data}", "--steps=9"])
+    assert reproduce.cell_config(args, "unicl", 0).train.total_steps == 9
+    override = [f"--data={embedded_data}", "--override=optim.warmup_steps=3"]
+    assert reproduce.cell_config(reproduce.parse_args(override), "clip", 0).optim.warmup_steps == 3
 
 
 def test_cells_run_once_and_resume(embedded_data, tmp_path, monkeypatch):
