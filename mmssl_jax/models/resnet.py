@@ -3,7 +3,7 @@
 Layer names and paddings mirror torchvision (explicit symmetric padding rather than "SAME"), so
 converting a torchvision checkpoint is a rename and a transpose. Convs are bias-free with
 Kaiming-normal (fan-out) init; BatchNorm uses momentum 0.9 (PyTorch's 0.1) and eps 1e-5. With
-`zero_init_residual` (default, Goyal et al. 2017) the last BN scale of each bottleneck starts
+`zero_init_residual` (default, Goyal et al. 2017) the last BN scale of each block starts
 at zero, so every block starts as the identity, which helps large-batch training from scratch.
 """
 
@@ -98,7 +98,7 @@ def _norm(
     )
 
 
-BLOCKS = {"bottleneck": (Bottleneck, 4), "basic": (BasicBlock, 1)}
+BLOCKS = {"bottleneck": Bottleneck, "basic": BasicBlock}
 
 
 class ResNet(nn.Module):
@@ -134,7 +134,7 @@ class ResNet(nn.Module):
         x = nn.relu(_norm(train, "bn1", **kw)(x))
         if not cifar:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
-        block_cls, _ = BLOCKS[self.block]
+        block_cls = BLOCKS[self.block]
         blocks = []
         for stage, count in enumerate(self.stage_sizes):
             for j in range(count):
