@@ -108,7 +108,7 @@ def symbola_sequence_kind(codepoints: Sequence[int]) -> str | None:
     return "multi-code-point sequence"
 
 
-def square_on_white(img: Image.Image, image_size: int) -> Image.Image:
+def crop_to_square(img: Image.Image, image_size: int) -> Image.Image:
     """As `emoji.render` treats a Noto glyph: cropped to the alpha box (the non-white box when
     the image has no transparency), centred on a white square, resized (LANCZOS)."""
     rgba = img.convert("RGBA")  # P/L/LA with a transparency key become real alpha
@@ -156,7 +156,7 @@ def render_symbola(char: str, image_size: int, font_path: str = SYMBOLA_FONT) ->
         raise LookupError("not in Symbola: renders as its .notdef box")
     black = Image.new("RGBA", coverage.size, (0, 0, 0, 0))
     black.putalpha(coverage)
-    return square_on_white(black, image_size)
+    return crop_to_square(black, image_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +176,7 @@ def process(task: Task, options: ImageOptions) -> Record | Bad:
     try:
         if task.style == "emojione":
             img = shard_writer.open_image(task.source)
-            img = square_on_white(img, task.image_size)
+            img = crop_to_square(img, task.image_size)
         else:
             img = render_symbola(task.source, task.image_size, task.font_path)
     except LookupError as e:  # a glyph the font does not have: not covered, on purpose
