@@ -194,6 +194,42 @@ def embedded_evals(root: str = DATA_ROOT, image_size: int = 32) -> dict:
     return evals
 
 
+def finetune_evals(root: str = DATA_ROOT, image_size: int = 32) -> dict:
+    """SLIP's third protocol on the embedded data: the image tower plus a new linear head
+    trained end to end (evaluation/finetune.py), beside the same tower from random init.
+    They train, so no recipe runs them by default; `tools/reproduce.py --evals` and
+    `tools/finetune_eval.py --eval` add them.
+
+    - emoji_finetune: emoji train -> held-out emoji, 99 subgroups (emoji_linear_probe's
+      task), 10 epochs at batch 128 (230 steps, ~2.3 min for the tiny ViT on 2 cores);
+    - fashion_finetune: 10,000 Fashion-MNIST train images for 3 epochs at batch 256, 2,000
+      test images (~6 min).
+    Both crop to (0.5, 1) of the image: an emoji or a garment cut to 8% is no longer one.
+    """
+    fashion = f"{root}/fashion_mnist/fashion_mnist"
+    common = dict(type="finetune", image_size=image_size, crop_scale=(0.5, 1.0), plots=False)
+    return {
+        "emoji_finetune": dict(
+            common,
+            train_shards=f"{root}/emoji/emoji-train-*.tfrecord",
+            test_shards=f"{root}/emoji/emoji-test-*.tfrecord",
+            classnames=f"{root}/emoji/emoji-classnames.json",
+            epochs=10,
+            batch_size=128,
+        ),
+        "fashion_finetune": dict(
+            common,
+            train_shards=f"{fashion}-train-*.tfrecord",
+            test_shards=f"{fashion}-test-*.tfrecord",
+            classnames=f"{fashion}-classnames.json",
+            train_limit=10000,
+            test_limit=2000,
+            epochs=3,
+            batch_size=256,
+        ),
+    }
+
+
 def topic_sources(root: str = DATA_ROOT, kind: str = "lda") -> dict:
     """Emoji image-text pairs with `topics` targets, written by
 

@@ -16,7 +16,6 @@ from mmssl_jax.parallel import allocator
 if __name__ == "__main__":
     allocator.use_tcmalloc()  # before JAX loads: re-executes once under tcmalloc if installed
 
-import json  # noqa: E402
 import logging as std_logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -115,6 +114,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from mmssl_jax.evaluation import hook, runner
+    from mmssl_jax.training.restore import save_config
     from mmssl_jax.training.trainer import Trainer, check_config, pin_paths
 
     config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
@@ -128,8 +128,7 @@ def main(argv: list[str]) -> None:
     pin_paths(config, workdir, copy_tokenizer=jax.process_index() == 0)
     if jax.process_index() == 0:
         print(summary_line(config, workdir), flush=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
+        save_config(config, workdir)
     logging.info("devices: %s", jax.devices())
     if FLAGS.mode == "eval":  # the checkpoint and the evaluation data only
         hook.evaluate_checkpoint(config, workdir)

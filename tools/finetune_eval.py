@@ -3,11 +3,12 @@ architecture at random init, and writes the report under --output (the workdir's
 eval/ is left alone).
 
     python tools/finetune_eval.py --workdir=workdirs/tiny_slip \\
-        --output=workdirs/tiny_slip_finetune --set epochs=3 --set crop_scale='(0.5, 1.0)'
+        --output=workdirs/tiny_slip_finetune --eval=emoji_finetune --set epochs=5
 
-The model comes from `<workdir>/config.json`; the evaluation defaults to Fashion-MNIST
-(10000 train / 2000 test records at the model's image size); `--set key=value` (a Python
-literal) overrides any finetune key of evaluation/runner.py.
+The model comes from `<workdir>/config.json` (written by mmssl_jax.main and
+tools/reproduce.py); the evaluation is one of configs/common.finetune_evals (emoji
+subgroups or Fashion-MNIST) at the model's image size; `--set key=value` (a Python literal)
+overrides any finetune key of evaluation/runner.py.
 """
 
 from __future__ import annotations
@@ -20,19 +21,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs.common import finetune_evals  # noqa: E402
 
-def eval_config(image_size: int, data: str, overrides: list[str]) -> dict:
-    """The finetune evaluation config: Fashion-MNIST defaults plus `key=value` overrides."""
-    cfg = dict(
-        type="finetune",
-        train_shards=f"{data}/fashion_mnist/fashion_mnist-train-*.tfrecord",
-        test_shards=f"{data}/fashion_mnist/fashion_mnist-test-*.tfrecord",
-        classnames=f"{data}/fashion_mnist/fashion_mnist-classnames.json",
-        train_limit=10000,
-        test_limit=2000,
-        image_size=image_size,
-        plots=False,
-    )
+
+def eval_config(name: str, image_size: int, data: str, overrides: list[str]) -> dict:
+    """The finetune evaluation `name` of finetune_evals plus `key=value` overrides."""
+    choices = finetune_evals(data, image_size)
+    if name not in choices:
+        raise SystemExit(f"--eval {name!r}: not one of {sorted(choices)}")
+    cfg = dict(choices[name])
     for item in overrides:
         key, _, value = item.partition("=")
         try:
@@ -42,42 +39,29 @@ def eval_config(image_size: int, data: str, overrides: list[str]) -> dict:
     return cfg
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="trained workdir (read only)")
     parser.add_argument("--output", required=True, help="where eval/ (report) is written")
-    parser.add_argument("--name", default="fashion_finetune", help="the evaluation's name")
+    parser.add_argument("--eval", default="fashion_finetune", help="a finetune_evals name")
     parser.add_argument("--data", default="data", help="root of the embedded shards")
     parser.add_argument("--set", action="append", default=[], help="finetune key=value")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    import jax
-    import ml_collections
+    from mmssl_jax.evaluation.hook import make_evaluate
+    from mmssl_jax.models.registry import build_model
+    from mmssl_jax.training.restore import load_config, restore_variables
 
-    from mmssl_jax.evaluation.hook import encoders_for
-    from mmssl_jax.evaluation.runner import run_evals
-    from mmssl_jax.training.checkpoint import Checkpointer
-    from mmssl_jax.training.trainer import Trainer
-
-    with open(os.path.join(args.workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    config.evals = ml_collections.ConfigDict()  # only this evaluation: no block features
-    trainer = Trainer(config, args.workdir)
-    ckpt = Checkpointer(args.workdir)
-    state = ckpt.restore(trainer.abstract_state(), None)
-    ckpt.close()
-    encoder, random_encoder = encoders_for(trainer, state)
-    evals = {args.name: eval_config(config.data.image_size, args.data, args.set)}
+    config = load_config(args.workdir)  # config.json, written by main and tools/reproduce.py
+    model_cfg, variables, step = restore_variables(config, args.workdir)
+    size = config.data.image_size
+    config.evals = {args.eval: eval_config(args.eval, size, args.data, args.set)}  # only it
     os.makedirs(args.output, exist_ok=True)
-    metrics = run_evals(
-        evals,
-        encoder,
-        workdir=args.output,
-        step=int(jax.device_get(state.step)),
-        random_encoder=random_encoder,
-    )
+    evaluate = make_evaluate(config, args.output, build_model(model_cfg), model_cfg)
+    metrics = evaluate(variables, step)
     print(json.dumps(metrics, indent=1))
     print(open(os.path.join(args.output, "eval", "latest.md")).read())
+    return metrics
 
 
 if __name__ == "__main__":

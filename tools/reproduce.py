@@ -8,10 +8,13 @@ Every cell (method x seed) is one workdir, OUTPUT/runs/METHOD_sSEED, trained by 
 project's Trainer at that method's own recipe (configs/tiny_METHOD.py: its lr, weight decay,
 objectives) for one shared budget (by default the CLIP recipe's 10 epochs over the emoji
 pairs, 220 steps at batch 128, warmup one such epoch) and evaluated by its config.evals;
-the cell's numbers go to OUTPUT/runs/METHOD_sSEED/cell.json. A cell with a cell.json is not
-run again and a cell stopped half-way resumes from its checkpoint, so a long comparison
-survives a stop: run the same command again. A progress bar counts cells, with the rate of
-the cells run so far.
+the cell's numbers go to OUTPUT/runs/METHOD_sSEED/cell.json (its config beside them, as
+config.json). A cell with a cell.json is not trained again and a cell stopped half-way
+resumes from its checkpoint, so a long comparison survives a stop: run the same command
+again. `--evals` that a finished cell has not run yet (say `emoji_finetune`, SLIP's third
+protocol, from configs/common.finetune_evals) run on its last checkpoint and join its
+cell.json, so a column added later costs its evaluation only. A progress bar counts cells,
+with the rate of the cells run so far.
 
 Writes OUTPUT/reproduce.json (every cell, and mean/std per method), OUTPUT/reproduce.md (the
 table, mean +- std over seeds, with the baselines: raw pixels, random init, and the ridge map
@@ -33,6 +36,7 @@ from collections.abc import Sequence
 if __package__ in (None, ""):  # Run as a script: make the repository root importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs.common import finetune_evals  # noqa: E402
 from mmssl_jax.config_utils import check_keys  # noqa: E402
 
 # method -> (config module, config arg beyond data=..., what it is)
@@ -63,7 +67,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--batch_size", type=int, default=-1, help="> 0: batch size of every cell")
     p.add_argument("--override", action="append", default=[], help="key=value for every cell")
-    p.add_argument("--evals", default="", help="comma-separated: keep only these config.evals")
+    p.add_argument(
+        "--evals",
+        default="",
+        help="comma-separated: run only these of config.evals and configs/common.finetune_evals",
+    )
     return p.parse_args(argv)
 
 
@@ -92,10 +100,11 @@ def cell_config(args: argparse.Namespace, method: str, seed: int, baselines: boo
         set_path(config, key, value)
     if args.evals:
         keep = args.evals.split(",")
-        unknown = sorted(set(keep) - set(config.evals))
+        known = {**finetune_evals(args.data, config.data.image_size), **config.evals}
+        unknown = sorted(set(keep) - set(known))
         if unknown:
-            raise SystemExit(f"--evals: unknown {unknown}; the config has {sorted(config.evals)}")
-        config.evals = {name: config.evals[name] for name in keep}
+            raise SystemExit(f"--evals: unknown {unknown}; valid: {sorted(known)}")
+        config.evals = {name: known[name] for name in keep}
     if not baselines:
         for name in config.evals:
             config.evals[name]["baselines"] = False
@@ -132,40 +141,84 @@ def set_path(config, key: str, value: str) -> None:
 
 
 def run_cell(args: argparse.Namespace, method: str, seed: int, baselines: bool = True) -> dict:
-    """Trains (or resumes) and evaluates one cell; returns and writes its cell.json."""
+    """Trains (or resumes) and evaluates one cell; returns and writes its cell.json. A
+    finished cell only runs the evaluations it lacks (`late_evals`)."""
     from mmssl_jax.evaluation import hook
-    from mmssl_jax.training.trainer import Trainer
+    from mmssl_jax.training.restore import CONFIG_FILE, save_config
+    from mmssl_jax.training.trainer import Trainer, pin_paths
 
     workdir = os.path.join(args.output, "runs", f"{method}_s{seed}")
     done = os.path.join(workdir, CELL_FILE)
-    if os.path.exists(done):
-        with open(done) as f:
-            return json.load(f)
     config = cell_config(args, method, seed, baselines)
+    finished = os.path.exists(done)
+    if not finished or not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+        os.makedirs(workdir, exist_ok=True)
+        pin_paths(config, workdir)
+        save_config(config, workdir)
+    if finished:
+        with open(done) as f:
+            return late_evals(json.load(f), config, workdir)
     start = time.perf_counter()
     trainer = Trainer(config, workdir)
     trainer.run()
     train_s = time.perf_counter() - start
     metrics = hook.evaluate_latest(trainer)
-    with open(os.path.join(workdir, "eval", "latest.json")) as f:
-        report = json.load(f)
     cell = {
         "method": method,
         "seed": seed,
         "steps": int(config.train.total_steps),
         "train_s": round(train_s, 1),
         "total_s": round(time.perf_counter() - start, 1),
+        "evals": sorted(config.evals),
         "metrics": {k: float(v) for k, v in metrics.items()},
-        "baselines": {
-            kind: {k: float(v) for k, v in report.get("baselines", {}).get(kind, {}).items()}
-            for kind in BASELINES
-        },
+        "baselines": report_baselines(workdir),
     }
+    write_cell(cell, workdir)
+    return cell
+
+
+def evals_run(cell: dict) -> set[str]:
+    """The evaluations a cell has run (cells written before "evals" was kept: the prefixes
+    of its metrics)."""
+    return set(cell.get("evals") or {k.split("/", 1)[0] for k in cell["metrics"]})
+
+
+def late_evals(cell: dict, config, workdir: str) -> dict:
+    """`cell` with the evaluations of `config` it has not run yet run on its last checkpoint
+    (the same encoder the cell's own evaluation saw) and merged in; written back."""
+    from mmssl_jax.evaluation import hook
+
+    missing = [name for name in config.evals if name not in evals_run(cell)]
+    if not missing:
+        return cell
+    config.evals = {name: config.evals[name] for name in missing}
+    start = time.perf_counter()
+    metrics = hook.evaluate_checkpoint(config, workdir)
+    cell = dict(cell, evals=sorted(evals_run(cell) | set(missing)))
+    cell["metrics"] = {**cell["metrics"], **{k: float(v) for k, v in metrics.items()}}
+    for kind, values in report_baselines(workdir).items():
+        cell["baselines"][kind] = {**cell["baselines"].get(kind, {}), **values}
+    cell["late_eval_s"] = round(cell.get("late_eval_s", 0) + time.perf_counter() - start, 1)
+    write_cell(cell, workdir)
+    return cell
+
+
+def report_baselines(workdir: str) -> dict[str, dict[str, float]]:
+    """{kind: {metric: value}} of the baselines in the workdir's latest evaluation report."""
+    with open(os.path.join(workdir, "eval", "latest.json")) as f:
+        report = json.load(f)
+    return {
+        kind: {k: float(v) for k, v in report.get("baselines", {}).get(kind, {}).items()}
+        for kind in BASELINES
+    }
+
+
+def write_cell(cell: dict, workdir: str) -> None:
+    done = os.path.join(workdir, CELL_FILE)
     tmp = done + ".tmp"
     with open(tmp, "w") as f:
         json.dump(cell, f, indent=1)
     os.replace(tmp, done)
-    return cell
 
 
 def columns(cells: Sequence[dict]) -> list[str]:

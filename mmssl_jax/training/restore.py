@@ -20,6 +20,16 @@ from mmssl_jax.models.saved import (
     unflatten_variables,
 )
 
+CONFIG_FILE = "config.json"
+
+
+def save_config(config: Any, workdir: str) -> str:
+    """Writes the run's `workdir/config.json` (what `load_config` reads back); its path."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(path, "w") as f:
+        json.dump(config.to_dict(), f, indent=2, default=str)
+    return path
+
 
 def load_config(workdir: str, config: Any = None) -> Any:
     """`config` as given, or the run's `workdir/config.json` (written by mmssl_jax.main)."""
@@ -27,7 +37,7 @@ def load_config(workdir: str, config: Any = None) -> Any:
 
     if config is not None:
         return config
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path} not found: pass the training config (--config=configs/NAME.py)"

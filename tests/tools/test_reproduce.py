@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from configs.common import finetune_evals
 from input_pipeline import tfrecord
-from tools import reproduce
+from tools import finetune_eval, reproduce
 
 
 def _cell(method, seed, top1, r1):
@@ -96,5 +97,39 @@ def test_cells_run_once_and_resume(embedded_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr("mmssl_jax.training.trainer.Trainer", NoTraining)
     assert reproduce.main(argv) == cells
+
+    # An evaluation a finished cell lacks (SLIP's fine-tune protocol, cut to a few images)
+    # runs on its checkpoint and joins its cell.json; nothing trains, nothing else reruns.
+    finetune = {
+        "emoji_retrieval": retrieval,
+        "emoji_finetune": dict(
+            finetune_evals(str(embedded_data))["emoji_finetune"],
+            train_limit=32,
+            test_limit=32,
+            epochs=1,
+            batch_size=16,
+        ),
+    }
+    later = [a for a in argv if not a.startswith("--override=evals")]
+    later.append(f"--override=evals={finetune!r}")
+    grown = reproduce.main(later)
+    for before, after in zip(cells, grown, strict=True):
+        assert after["evals"] == ["emoji_finetune", "emoji_retrieval"]
+        assert 0 <= after["metrics"]["emoji_finetune/top1"] <= 1
+        assert {k: v for k, v in after["metrics"].items() if "finetune" not in k} == before[
+            "metrics"
+        ]
+    assert "emoji_finetune/top1" in grown[0]["baselines"]["random_init"]  # the first seed's
+    assert "emoji_finetune/top1" not in grown[1]["baselines"]["random_init"]
+    assert reproduce.main(later)[1]["late_eval_s"] == grown[1]["late_eval_s"]  # not rerun
+
+    # Each cell keeps its config, so the project's tools read it like any run.
+    run = tmp_path / "runs" / "clip_s0"
+    tool = finetune_eval.main(
+        [f"--workdir={run}", f"--output={tmp_path / 'ft'}", f"--data={embedded_data}"]
+        + ["--eval=emoji_finetune", "--set=train_limit=32", "--set=test_limit=32"]
+        + ["--set=epochs=1", "--set=batch_size=16"]
+    )
+    assert tool["emoji_finetune/top1"] == pytest.approx(grown[0]["metrics"]["emoji_finetune/top1"])
     with pytest.raises(SystemExit, match="unknown method"):
         reproduce.main(["--methods=nope", f"--output={tmp_path}"])
