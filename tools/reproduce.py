@@ -114,15 +114,15 @@ def cell_config(args: argparse.Namespace, method: str, seed: int, baselines: boo
 def shared_budget(args: argparse.Namespace, batch_size: int) -> tuple[int, int]:
     """(steps, warmup steps) of every cell: `--steps` (warmup left to the recipe), or else the
     CLIP recipe's epochs over its own training records (the emoji pairs) at `batch_size`, with
-    one such epoch of warmup. The trainer's epoch counts every source, so without this a
-    method that mixes in Fashion-MNIST's 60,000 images (UniCL) would train ~20x longer, its
-    warmup alone longer than the others' whole run."""
+    one such epoch of warmup. A mixture's epoch is one pass over its scarcest source
+    (trainer.epoch_records), so UniCL's own 10 epochs (emoji at weight 1, Fashion-MNIST at
+    0.5) would be 1.5x CLIP's steps: one budget for every method keeps compute equal."""
     if args.steps > 0:
         return args.steps, -1
-    from mmssl_jax.training.trainer import num_records
+    from mmssl_jax.training.trainer import epoch_records
 
     clip = importlib.import_module(f"configs.{METHODS['clip'][0]}").get_config(f"data={args.data}")
-    per_epoch = max(1, num_records(clip.data) // batch_size)
+    per_epoch = max(1, epoch_records(clip.data) // batch_size)
     return max(1, round(clip.train.epochs * per_epoch)), per_epoch
 
 
