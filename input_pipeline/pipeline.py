@@ -113,6 +113,9 @@ def source_config(
 
     shards:            glob (or comma-separated globs) of TFRecord shards with .idx sidecars.
     weight:            mixing weight (relative; sources are interleaved in these proportions).
+                       An epoch of a mixture ends when the source with the fewest records
+                       per unit of weight has been read once (grain's finite mix length;
+                       `train.epochs` counts these, training/trainer.epoch_records).
     classnames:        path to a JSON list of class names (an entry may be a list of
                        synonyms), or "". Its length is the number of classes: a label outside
                        [-1, len) is a bad record. Needed by `use_labels` sources.
