@@ -379,6 +379,22 @@ def recipe(
         # 0 / 0.2 (view b overrides these fields of config.augment).
         config.augment.update(dict(saturation=0.2, blur_prob=1.0))
         config.augment_view_b = ml_collections.ConfigDict(dict(blur_prob=0.1, solarize_prob=0.2))
+    # The CLIP image's colour augmentation, off as in SLIP (every probability 0); turn parts
+    # on from the command line, e.g. --config.augment_image.grayscale_prob=0.2. No hue or
+    # saturation by default: an emoji's colour can be its name (skin tones, hearts).
+    config.augment_image = ml_collections.ConfigDict(
+        dict(
+            jitter_prob=0.0,
+            brightness=0.4,
+            contrast=0.4,
+            saturation=0.0,
+            hue=0.0,
+            grayscale_prob=0.0,
+            blur_prob=0.0,
+            blur_sigma=(0.1, 2.0),
+            solarize_prob=0.0,
+        )
+    )
 
     config.optim = ml_collections.ConfigDict(
         dict(

@@ -72,6 +72,11 @@ def make_config(cfg: AugmentConfig | Mapping | None = None) -> AugmentConfig:
     return AugmentConfig(**values)
 
 
+def is_active(cfg: AugmentConfig) -> bool:
+    """Whether `cfg` changes any image: some colour operation has a probability above 0."""
+    return max(cfg.jitter_prob, cfg.grayscale_prob, cfg.blur_prob, cfg.solarize_prob) > 0
+
+
 def to_float(images: jax.Array) -> jax.Array:
     """uint8 images -> float32 in [0, 1]."""
     # A multiply (not a divide, which XLA rewrites to one): same bits eager and jitted.

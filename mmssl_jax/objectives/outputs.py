@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -200,12 +200,27 @@ def check_model(model: Any, names: Iterable[str], terms: Iterable[str]) -> None:
 
 # ---- the shared views and outputs -----------------------------------------------------------
 
-# fold_in constants of the step key: views 1, 2 (SSL views a, b), 3 (rotation).
+# fold_in constants of the step key: views 1, 2 (SSL views a, b), 3 (rotation), 4 (image).
 SSL_VIEWS = ("view_a", "view_b")
+IMAGE_KEY = 4
+
+
+class ViewAugments(NamedTuple):
+    """The device's colour augmentation per view: the two SSL views' configs and the CLIP
+    image's, None where the image goes in as cropped (SLIP's recipe; `config.augment_image`
+    with every probability 0)."""
+
+    view_a: augment.AugmentConfig
+    view_b: augment.AugmentConfig
+    image: augment.AugmentConfig | None = None
 
 
 def _image(f: Forward) -> jax.Array:
-    return augment.normalize(augment.to_float(f.batch["image"]))
+    cfg = getattr(f.aug_cfg, "image", None)
+    if cfg is None or not f.train:
+        return augment.normalize(augment.to_float(f.batch["image"]))
+    k = jax.random.fold_in(f.key, IMAGE_KEY)
+    return augment.normalize(augment.ssl_augment(f.batch["image"], k, f.batch["index"], cfg))
 
 
 def _ssl_view(i: int) -> Callable[[Forward], jax.Array]:

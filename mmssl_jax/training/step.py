@@ -42,14 +42,21 @@ def batch_keys_for(specs: Sequence[tuple[str, float, dict]]) -> set[str]:
     return objectives.batch_keys(list(specs))
 
 
-def augment_configs(config: ml_collections.ConfigDict) -> Any:
-    """`config.augment` for both SSL views, or a pair when `config.augment_view_b` overrides
-    some fields for the second view (MoCo v3: blur 1.0 / 0.1, solarize 0 / 0.2)."""
-    cfg = augment.make_config(config.augment)
+def augment_configs(config: ml_collections.ConfigDict) -> outputs_lib.ViewAugments:
+    """The device augmentation of each view: `config.augment` for both SSL views (view b
+    with `config.augment_view_b`'s fields over it: MoCo v3's blur 1.0 / 0.1, solarize
+    0 / 0.2), and `config.augment_image` for the CLIP image when any of its probabilities is
+    above 0 (else None: the image goes in as cropped)."""
+    view_a = augment.make_config(config.augment)
     overrides = config.get("augment_view_b")
-    if not overrides:
-        return cfg
-    return cfg, augment.make_config({**config.augment.to_dict(), **dict(overrides)})
+    view_b = view_a
+    if overrides:
+        view_b = augment.make_config({**config.augment.to_dict(), **dict(overrides)})
+    image = config.get("augment_image")
+    image = augment.make_config(image) if image else None
+    if image is not None and not augment.is_active(image):
+        image = None
+    return outputs_lib.ViewAugments(view_a, view_b, image)
 
 
 def _microbatches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:

@@ -89,7 +89,7 @@ def test_mocov3_momentum_update_and_keys():
 
 def test_mocov3_config_has_asymmetric_views_and_momentum():
     config = importlib.import_module("configs.tiny_mocov3").get_config()
-    view_a, view_b = step_lib.augment_configs(config)
+    view_a, view_b, _ = step_lib.augment_configs(config)
     assert (view_a.blur_prob, view_b.blur_prob) == (1.0, 0.1)
     assert (view_a.solarize_prob, view_b.solarize_prob) == (0.0, 0.2)
     assert view_a.saturation == view_b.saturation == 0.2
@@ -100,5 +100,6 @@ def test_mocov3_config_has_asymmetric_views_and_momentum():
     assert slip.model.text_encoder and slip.model.predictor
     # The existing recipes are unchanged: one augmentation config, no optional heads.
     simclr = importlib.import_module("configs.tiny_slip").get_config()
-    assert not isinstance(step_lib.augment_configs(simclr), tuple)
+    views = step_lib.augment_configs(simclr)
+    assert views.view_a == views.view_b and views.image is None
     assert simclr.model.predictor is None and simclr.model.topic_head is None
