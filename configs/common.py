@@ -194,6 +194,15 @@ def embedded_evals(root: str = DATA_ROOT, image_size: int = 32) -> dict:
     return evals
 
 
+def select_evals(evals: dict, names: str, baselines: bool = True) -> dict:
+    """`evals` cut to `names` ("+"-joined; "": all), each with `baselines` set."""
+    keep = [n for n in names.split("+") if n] or list(evals)
+    unknown = sorted(set(keep) - set(evals))
+    if unknown:
+        raise ValueError(f"evals={names!r}: unknown {unknown}; valid: {sorted(evals)}")
+    return {name: dict(evals[name], baselines=baselines) for name in keep}
+
+
 def finetune_evals(root: str = DATA_ROOT, image_size: int = 32) -> dict:
     """SLIP's third protocol on the embedded data: the image tower plus a new linear head
     trained end to end (evaluation/finetune.py), beside the same tower from random init.
@@ -276,6 +285,10 @@ def recipe(
         # "bert_scratch" (the same BERT architecture at random init).
         text="own",
         text_lock=False,  # LiT's "U L": the pretrained text tower frozen
+        # Keep only these evaluations ("+"-joined names; "": all), and their baselines or
+        # not: a tuning try that reads two numbers need not pay for the rest.
+        evals="",
+        baselines=True,
     )
     if args.text not in ("own", "bert", "bert_scratch"):
         raise ValueError(f"text={args.text!r}; valid: own, bert, bert_scratch")
@@ -451,7 +464,9 @@ def recipe(
             progress=True,
         )
     )
-    config.evals = ml_collections.ConfigDict(embedded_evals(args.data, s["image_size"]))
+    config.evals = ml_collections.ConfigDict(
+        select_evals(embedded_evals(args.data, s["image_size"]), args.evals, args.baselines)
+    )
     if needs_text:
         # The ridge-map baseline of the text evaluations (evaluation/baselines.py): pixels of
         # `limit` emoji training images (a seeded random subset) -> the text tower's space;

@@ -363,3 +363,18 @@ def test_baselines_can_be_turned_off_from_the_command_line():
     config = get_config()
     check_keys([f"evals.{name}.baselines" for name in config.evals], config)
     assert all(cfg.baselines is True for cfg in config.evals.values())
+
+
+def test_a_recipe_can_keep_some_evaluations_without_baselines():
+    """`configs/NAME.py:evals=a+b,baselines=false`: a tuning try pays for what it reads."""
+    from configs.tiny_minilm import get_config
+
+    every = get_config()
+    config = get_config("evals=emoji_retrieval+emoji_zero_shot,baselines=false")
+    assert list(config.evals) == ["emoji_retrieval", "emoji_zero_shot"]
+    assert all(cfg.baselines is False for cfg in config.evals.values())
+    assert config.evals.emoji_zero_shot.to_dict() == dict(
+        every.evals.emoji_zero_shot.to_dict(), baselines=False
+    )
+    with pytest.raises(ValueError, match="unknown \\['emoji_retreival'\\]; valid: .*emoji_r"):
+        get_config("evals=emoji_retreival")
