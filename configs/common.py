@@ -397,14 +397,12 @@ def recipe(
     # saturation by default: an emoji's colour can be its name (skin tones, hearts).
     config.augment_image = ml_collections.ConfigDict(
         dict(
-            jitter_prob=0.0,
-            brightness=0.4,
-            contrast=0.4,
+            config.augment.to_dict(),
             saturation=0.0,
             hue=0.0,
+            jitter_prob=0.0,
             grayscale_prob=0.0,
             blur_prob=0.0,
-            blur_sigma=(0.1, 2.0),
             solarize_prob=0.0,
         )
     )
