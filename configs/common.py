@@ -450,6 +450,10 @@ def recipe(
             eval_every=-1,  # -1: evaluate at the end only
             max_bad_steps=10,
             num_devices=-1,  # -1: all devices
+            # Emulated CPU devices when the main command runs on the CPU (0: JAX's one). The
+            # batch is then split over them: XLA:CPU runs each convolution on one core, so a
+            # conv tower keeps a second core busy only through a second device.
+            cpu_devices=0,
             # FSDP (ZeRO-3): shard parameters and optimizer moments over the data axis by
             # their largest divisible dimension; tensors under fsdp_min_size_mb replicated.
             fsdp=False,

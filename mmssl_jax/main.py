@@ -110,7 +110,9 @@ def main(argv: list[str]) -> None:
     del argv
     if not FLAGS.verbose:
         quiet_libraries()
-    distributed.initialize_from_flags()  # before anything touches devices
+    # Before anything touches devices; a recipe may ask for emulated CPU devices (on a
+    # machine with an accelerator they are not used).
+    distributed.initialize_from_flags(default_cpu_devices=FLAGS.config.train.get("cpu_devices", 0))
     import jax
 
     from mmssl_jax.evaluation import hook, runner

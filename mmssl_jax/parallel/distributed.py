@@ -255,6 +255,17 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Distribute
     )
 
 
-def initialize_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
-    """`initialize(config_from_flags(flag_values))`."""
-    return initialize(config_from_flags(flag_values))
+def initialize_from_flags(
+    flag_values: flags.FlagValues = flags.FLAGS, default_cpu_devices: int = 0
+) -> bool:
+    """`initialize(config_from_flags(flag_values))`, with `default_cpu_devices` (> 0) where
+    neither the flag nor the environment says how many CPU devices to emulate."""
+    return initialize(with_default_cpu_devices(config_from_flags(flag_values), default_cpu_devices))
+
+
+def with_default_cpu_devices(cfg: DistributedConfig, default: int) -> DistributedConfig:
+    """`cfg` with `num_cpu_devices=default` when it has none and `default` > 0 (a recipe's
+    `train.cpu_devices`; the --num_cpu_devices flag and MMSSL_NUM_CPU_DEVICES win)."""
+    if cfg.num_cpu_devices is not None or default <= 0:
+        return cfg
+    return dataclasses.replace(cfg, num_cpu_devices=int(default))

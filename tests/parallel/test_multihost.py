@@ -261,3 +261,22 @@ def test_two_processes_equal_one_process(embedded_data, tmp_path):
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
     port, pid, data, wd, out = sys.argv[2:7]
     worker(int(port), int(pid), data, wd, out)
+
+
+def test_a_recipes_cpu_devices_apply_only_where_flag_and_environment_are_silent():
+    """`train.cpu_devices` (the quick start asks for 2) fills in --num_cpu_devices only when
+    neither the flag nor MMSSL_NUM_CPU_DEVICES set it; 0 leaves JAX's default."""
+    import importlib
+
+    from mmssl_jax.parallel import distributed as d
+
+    quick = importlib.import_module("configs.tiny_minilm").get_config()
+    assert quick.train.cpu_devices == 2
+    assert importlib.import_module("configs.tiny_clip").get_config().train.cpu_devices == 0
+    silent = d.config_from_env({})
+    assert d.with_default_cpu_devices(silent, 2).num_cpu_devices == 2
+    assert d.with_default_cpu_devices(silent, 0).num_cpu_devices is None
+    from_env = d.config_from_env({"MMSSL_NUM_CPU_DEVICES": "4"})
+    assert d.with_default_cpu_devices(from_env, 2).num_cpu_devices == 4
+    from_flag = d.config_from_env({}, num_cpu_devices=1)
+    assert d.with_default_cpu_devices(from_flag, 2).num_cpu_devices == 1

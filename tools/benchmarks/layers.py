@@ -24,6 +24,11 @@ its forward, its input-gradient and its weight-gradient dots. Variants:
 - `block`: tiny SLIP's whole pre-LN ViT block (`models.vit.Block`, width 128, 4 heads)
   against train.py's PyTorch twin (`torch_block`), and the same block with the GELU written
   as `jax.nn.gelu` (erfc; the form before `gelu_exact` used erf).
+- `conv`: a 3 x 3, 32 -> 32 convolution over 128 images of 32 x 32 (the quick start's
+  ResNet-10, `resnet10_32`, in its first stage), as `models.resnet` builds it (bias-free
+  `nn.Conv`, NHWC) against `torch.nn.Conv2d` in channels-last; with `--threads 0` the
+  row's `cpu_use` (CPU time / wall time) shows how many cores each framework's kernel keeps
+  busy.
 - `matmul_bf16`: a 12480 x 512 @ 512 x 512 matmul in float32 and in bfloat16 (bf16 output,
   and bf16 operands with float32 accumulation) against torch's float32 and bfloat16 matmul:
   GFLOP/s, which says whether a framework reaches this CPU's AMX units.
@@ -57,10 +62,13 @@ CASES = (
     "attention_layer",
     "block",
     "matmul_bf16",
+    "conv",
 )
 # tiny SLIP at batch 64: three image views of 8 x 8 patches + the class token.
 TOKENS = dict(batch=192, length=65, width=128, heads=4, hidden=512)
 MATMUL = dict(m=12480, k=512, n=512)
+# The quick start's ResNet-10 (resnet10_32) at batch 128: its first stage's 3 x 3 conv.
+CONV = dict(batch=128, side=32, channels=32, kernel=3)
 
 
 def _jax_grad_fn(apply: Callable, params, x, cotangent) -> Callable[[], None]:
@@ -261,6 +269,28 @@ def block_case(seed: int) -> dict[str, Callable[[], None]]:
     }
 
 
+def conv_case(seed: int) -> dict[str, Callable[[], None]]:
+    import jax
+    import numpy as np
+    import torch
+
+    from mmssl_jax.models.resnet import _conv
+
+    b, side, c, k = (CONV[n] for n in ("batch", "side", "channels", "kernel"))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, side, side, c), np.float32)
+    g = rng.standard_normal((b, side, side, c), np.float32)
+    layer = _conv(c, k, 1, "conv", jax.numpy.float32, jax.numpy.float32)
+    params = layer.init(jax.random.key(seed), x[:1])
+    fns = {"jax_conv": _jax_grad_fn(layer.apply, params, x, g)}
+    channels_last = torch.channels_last
+    conv = torch.nn.Conv2d(c, c, k, padding=k // 2, bias=False).to(memory_format=channels_last)
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=channels_last)
+    tg = torch.from_numpy(g).permute(0, 3, 1, 2).contiguous(memory_format=channels_last)
+    fns["torch_conv"] = _torch_grad_fn(conv, [tx.requires_grad_()], tg)
+    return fns
+
+
 def matmul_case(seed: int) -> dict[str, Callable[[], None]]:
     """Forward matmuls only (no gradient): what each dtype path sustains."""
     import jax
@@ -303,6 +333,7 @@ BUILDERS: dict[str, Callable[[int], dict[str, Callable[[], None]]]] = {
     "attention_layer": attention_layer_case,
     "block": block_case,
     "matmul_bf16": matmul_case,
+    "conv": conv_case,
 }
 TORCH_REFERENCE = {
     "dense": "torch_linear",
@@ -313,6 +344,7 @@ TORCH_REFERENCE = {
     "attention_layer": "torch",
     "block": "torch_block",
     "matmul_bf16": "torch_float32",
+    "conv": "torch_conv",
 }
 
 
@@ -327,6 +359,8 @@ def run_case(name: str, args) -> dict[str, Any]:
         "case": name,
         "ms": ms,
         "wall_ms": {k: 1e3 * train_bench._median(v) for k, v in wall.items()},
+        # cores kept busy: CPU time over wall time, summed over all calls
+        "cpu_use": {k: sum(cpu[k]) / sum(wall[k]) for k in wall},
         "vs_torch": {k: reference / v for k, v in ms.items()},
     }
     if name == "matmul_bf16":
@@ -348,7 +382,7 @@ def run(args) -> dict[str, Any]:
         "benchmark": "layers_vs_pytorch",
         "threads": args.threads_used,
         "timing": "CPU time per call" if args.threads_used == 1 else "wall time per call",
-        "shapes": dict(tokens=TOKENS, matmul=MATMUL),
+        "shapes": dict(tokens=TOKENS, matmul=MATMUL, conv=CONV),
         "machine": train_bench.machine(),
         "jax": jax.__version__,
         "torch": torch.__version__,
