@@ -30,7 +30,7 @@ metrics) to a ConfigDict:
     linear_probe   train_shards, test_shards, train_limit / test_limit (override limit),
                    layers (default ("emb", "feature"); "blocks" = every block_i the encoder
                    gives; "grid{g}" = the tower's spatial map average-pooled to g x g cells),
-                   Cs (C grid), val_fraction (0.2), max_iter (1000)
+                   Cs (C grid), val_fraction (0.2), max_iter (1000), blas_threads (1)
                    -> <layer>/top1, <layer>/C, <layer>/val_top1
     knn            train_shards, test_shards, train_limit / test_limit, layers, k (20),
                    temperature (0.07)                        -> <layer>/top1

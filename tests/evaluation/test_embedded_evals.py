@@ -378,3 +378,22 @@ def test_a_recipe_can_keep_some_evaluations_without_baselines():
     )
     with pytest.raises(ValueError, match="unknown \\['emoji_retreival'\\]; valid: .*emoji_r"):
         get_config("evals=emoji_retreival")
+
+
+def test_probe_fits_run_on_the_configured_blas_threads(monkeypatch):
+    """One BLAS thread by default: OpenBLAS's second thread made the quick start's tall,
+    skinny L-BFGS products slower (linear_probe's docstring)."""
+    from threadpoolctl import threadpool_info
+
+    seen = []
+
+    def probe(*args, **kwargs):
+        seen.append([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"])
+        return {"top1": 1.0}
+
+    monkeypatch.setattr(linear_probe, "linear_probe", probe)
+    monkeypatch.setattr(context, "per_layer", lambda *a: a[-1](None, None, None, None))
+    cfg = dict(linear_probe.DEFAULTS, seed=0)
+    assert cfg["blas_threads"] == 1
+    assert linear_probe.run(None, "probe", cfg, None, None, False) == {"top1": 1.0}
+    assert seen and seen[0] and all(n == 1 for n in seen[0])
