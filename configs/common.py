@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Mapping, Sequence
 
 import ml_collections
 
@@ -194,12 +195,12 @@ def embedded_evals(root: str = DATA_ROOT, image_size: int = 32) -> dict:
     return evals
 
 
-def select_evals(evals: dict, names: str, baselines: bool = True) -> dict:
-    """`evals` cut to `names` ("+"-joined; "": all), each with `baselines` set."""
-    keep = [n for n in names.split("+") if n] or list(evals)
+def select_evals(evals: Mapping, names: Sequence[str], baselines: bool = True) -> dict:
+    """`evals` cut to `names` (none: all), in that order, each with `baselines` set."""
+    keep = [n for n in names if n] or list(evals)
     unknown = sorted(set(keep) - set(evals))
     if unknown:
-        raise ValueError(f"evals={names!r}: unknown {unknown}; valid: {sorted(evals)}")
+        raise ValueError(f"evals: unknown {unknown}; valid: {sorted(evals)}")
     return {name: dict(evals[name], baselines=baselines) for name in keep}
 
 
@@ -467,7 +468,9 @@ def recipe(
         )
     )
     config.evals = ml_collections.ConfigDict(
-        select_evals(embedded_evals(args.data, s["image_size"]), args.evals, args.baselines)
+        select_evals(
+            embedded_evals(args.data, s["image_size"]), args.evals.split("+"), args.baselines
+        )
     )
     if needs_text:
         # The ridge-map baseline of the text evaluations (evaluation/baselines.py): pixels of

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 if __package__ in (None, ""):  # Run as a script: make the repository root importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs.common import finetune_evals  # noqa: E402
+from configs.common import finetune_evals, select_evals  # noqa: E402
 from mmssl_jax.config_utils import check_keys  # noqa: E402
 
 # method -> (config module, config arg beyond data=..., what it is)
@@ -99,12 +99,11 @@ def cell_config(args: argparse.Namespace, method: str, seed: int, baselines: boo
             raise SystemExit(f"--override {item}: {e.args[0]}") from None
         set_path(config, key, value)
     if args.evals:
-        keep = args.evals.split(",")
         known = {**finetune_evals(args.data, config.data.image_size), **config.evals}
-        unknown = sorted(set(keep) - set(known))
-        if unknown:
-            raise SystemExit(f"--evals: unknown {unknown}; valid: {sorted(known)}")
-        config.evals = {name: known[name] for name in keep}
+        try:
+            config.evals = select_evals(known, args.evals.split(","))
+        except ValueError as e:
+            raise SystemExit(f"--{e}") from None
     if not baselines:
         for name in config.evals:
             config.evals[name]["baselines"] = False

@@ -53,19 +53,15 @@ def epoch_records(data_cfg: ml_collections.ConfigDict) -> int:
     the fewest records per unit of weight has been read once, so `train.epochs` counts passes
     over that source (UniCL's 2,889 emoji pairs at weight 0.5 beside Fashion-MNIST's 60,000
     images: 5,778 samples, not 62,889). Sources of weight 0 are not read and do not count."""
+    import grain
+
     from input_pipeline.tfrecord import TFRecordSource
 
-    weights = {
-        name: float(src.get("weight", 1.0))
-        for name, src in data_cfg.sources.items()
-        if float(src.get("weight", 1.0)) > 0
-    }
-    total = sum(weights.values())
-    per_weight = [
-        len(TFRecordSource(data_cfg.sources[name].shards)) * total / weight
-        for name, weight in weights.items()
-    ]
-    return int(min(per_weight)) if per_weight else 0
+    read = [src for src in data_cfg.sources.values() if float(src.get("weight", 1.0)) > 0]
+    sizes = [grain.MapDataset.range(len(TFRecordSource(src.shards))) for src in read]
+    if len(sizes) < 2:
+        return len(sizes[0]) if sizes else 0
+    return len(grain.MapDataset.mix(sizes, [float(src.get("weight", 1.0)) for src in read]))
 
 
 def total_steps_for(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
