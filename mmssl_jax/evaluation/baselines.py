@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -252,6 +253,7 @@ class BaselineCache:
     def __init__(self, workdir: str | None, *, write: bool = True):
         self.path = os.path.join(workdir, "eval", "baselines.json") if workdir else None
         self.write = write
+        self._lock = threading.Lock()
         self._disk: dict[str, dict[str, float]] = {}
         if self.path and os.path.exists(self.path):
             try:
@@ -276,12 +278,13 @@ class BaselineCache:
         self._memory[(self.path or "", key)] = dict(metrics)
         if not (self.path and self.write):
             return
-        self._disk[key] = {k: (None if v != v else v) for k, v in metrics.items()}
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self._disk, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        with self._lock:  # baselines finish on evaluation worker threads (runner.py)
+            self._disk[key] = {k: (None if v != v else v) for k, v in metrics.items()}
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(self._disk, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
 
 
 def run_baselines(
@@ -295,16 +298,17 @@ def run_baselines(
     raw_pixel_size: int | None = 32,
     ridge_map: Callable[[], Encoder | None] | None = None,
     ridge_id: Mapping | None = None,
+    kinds: Sequence[str] = KINDS,
 ) -> dict[str, dict[str, float]]:
-    """{kind: metrics} for the baselines that apply; `run_eval(encoder)` runs the evaluation
-    (mapping missing layers to "feature") and returns its metrics without the eval prefix.
-    `ridge_map` builds the ridge-map encoder (None: no such baseline); `ridge_id` (its
-    RidgeMap.identity()) joins that kind's cache key."""
+    """{kind: metrics} for the baselines among `kinds` that apply; `run_eval(encoder)` runs
+    the evaluation (mapping missing layers to "feature") and returns its metrics without the
+    eval prefix. `ridge_map` builds the ridge-map encoder (None: no such baseline);
+    `ridge_id` (its RidgeMap.identity()) joins that kind's cache key."""
     out: dict[str, dict[str, float]] = {}
     cache_cfg = {**dict(cfg), "_raw_pixel_size": raw_pixel_size}
     if not evaluator.RAW_PIXELS:
         cache_cfg["_raw_pixels"] = False
-    for kind in KINDS:
+    for kind in kinds:
         kind_cfg = cache_cfg
         if kind == RIDGE_MAP:
             if ridge_map is None or not evaluator.NEEDS_TEXT:

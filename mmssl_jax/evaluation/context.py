@@ -11,6 +11,7 @@ import glob as globlib
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -47,7 +48,32 @@ COMMON = dict(
     groups=None,
 )
 
-_ARRAYS: dict[tuple, dict] = {}  # eval arrays, per process: they do not change in training
+
+class OncePerKey:
+    """Values computed once per key, also across threads: a thread asking for a key that
+    another is computing waits for that value instead of computing it again (evaluation
+    tasks run on worker threads, see runner.py, and several read the same arrays)."""
+
+    def __init__(self):
+        self._values: dict = {}
+        self._locks: dict = {}
+        self._guard = threading.Lock()
+
+    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self._values:
+                self._values[key] = compute()
+            return self._values[key]
+
+    def clear(self) -> None:
+        with self._guard:
+            self._values.clear()
+            self._locks.clear()
+
+
+_ARRAYS = OncePerKey()  # eval arrays, per process: they do not change in training
 
 
 class CannotEvaluateError(ValueError):
@@ -132,11 +158,12 @@ def load_arrays(name: str, cfg: Mapping, key: str) -> dict:
     limit = _limit(cfg, key)
     classnames = cfg["classnames"] or None  # bounds the labels: a mismatch fails loudly
     cache_key = (tuple(paths), cfg["image_size"], cfg["resize_size"], limit, classnames)
-    if cache_key not in _ARRAYS:
+
+    def build() -> dict:
         from input_pipeline.pipeline import build_eval_arrays
 
         start = time.time()
-        _ARRAYS[cache_key] = build_eval_arrays(
+        arrays = build_eval_arrays(
             paths,
             image_size=cfg["image_size"],
             resize_size=cfg["resize_size"],
@@ -146,11 +173,13 @@ def load_arrays(name: str, cfg: Mapping, key: str) -> dict:
         logging.info(
             "evals.%s: loaded %d records of %s in %.1fs",
             name,
-            len(_ARRAYS[cache_key]["label"]),
+            len(arrays["label"]),
             cfg[key],
             time.time() - start,
         )
-    return _ARRAYS[cache_key]
+        return arrays
+
+    return _ARRAYS.get(cache_key, build)
 
 
 def clear_cache() -> None:
@@ -217,29 +246,27 @@ class EvalCall:
         self.workdir, self.step, self.write = workdir, step, write
         self.plot_dir = os.path.join(workdir, "eval", "plots")
         self.plots: list[str] = []
-        self._features: dict[tuple, dict[str, np.ndarray]] = {}
-        self._texts: dict[tuple, np.ndarray] = {}
+        self._features = OncePerKey()  # (encoder, arrays) -> {layer: features}
+        self._texts = OncePerKey()  # (encoder, key) -> text embeddings
         self._alive: list = []  # keeps encoders alive so their id() keys stay unique
 
     def features(self, encoder: Encoder, arrays: dict, cfg: Mapping, desc: str) -> dict:
-        key = (id(encoder), id(arrays))
-        if key not in self._features:
-            self._alive.append(encoder)
-            self._features[key] = encode_images(
+        self._alive.append(encoder)
+        return self._features.get(
+            (id(encoder), id(arrays)),
+            lambda: encode_images(
                 encoder, arrays["image"], batch_size=cfg["batch_size"], desc=desc
-            )
-        return self._features[key]
+            ),
+        )
 
     def texts(self, encoder: Encoder, texts: list[str], cfg: Mapping, key: Any) -> np.ndarray:
         # An encoder that borrows another's text tower (the ridge map) shares its texts.
         encoder = getattr(encoder, "text_source", encoder)
-        key = (id(encoder), key)
-        if key not in self._texts:
-            self._alive.append(encoder)
-            self._texts[key] = encode_texts(
-                encoder, texts, batch_size=cfg["batch_size"], desc="texts"
-            )
-        return self._texts[key]
+        self._alive.append(encoder)
+        return self._texts.get(
+            (id(encoder), key),
+            lambda: encode_texts(encoder, texts, batch_size=cfg["batch_size"], desc="texts"),
+        )
 
     def plot_path(self, name: str, what: str) -> str:
         return os.path.join(self.plot_dir, f"{name}_{what}_step_{self.step}.png")
@@ -260,11 +287,17 @@ def need_labels(name: str, key: str, arrays: dict) -> np.ndarray:
     return keep
 
 
+# One plot at a time: plots come from evaluation tasks on worker threads (runner.py), and
+# matplotlib's font and text caches are not meant for concurrent use.
+PLOT_LOCK = threading.Lock()
+
+
 def draw(call: EvalCall, name: str, what: str, plot: Callable[[], str | None]) -> None:
     """Runs `plot()` (a plot function returning its path) and records the plot; a plot that
     fails is a warning, never a lost result."""
     try:
-        call.add_plot(plot())
+        with PLOT_LOCK:
+            call.add_plot(plot())
     except Exception as e:  # noqa: BLE001 - a plot must never lose the results
         logging.warning("evals.%s: %s not plotted: %s: %s", name, what, type(e).__name__, e)
 

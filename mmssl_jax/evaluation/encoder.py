@@ -8,9 +8,11 @@ boundary at numpy makes every evaluator a pure function that tests can feed exac
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -50,6 +52,13 @@ def has_text(encoder: Encoder) -> bool:
     return True
 
 
+# Held around each encoder call. Evaluation tasks run on worker threads (runner.py), and a
+# jitted call over several devices must not interleave with another thread's on the same
+# devices (each device runs its queue in order, so two such calls enqueued in opposite orders
+# could wait on each other); the host-side fits, the bulk of the time, still overlap.
+DEVICE_LOCK = threading.RLock()
+
+
 def host_threads() -> int:
     """Threads for the host-side evaluators (BLAS, OpenMP): MMSSL_EVAL_THREADS, else half the
     cores (at most 8).
@@ -62,6 +71,36 @@ def host_threads() -> int:
     if env:
         return max(1, int(env))
     return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+_LIMITS_LOCK = threading.Lock()
+_LIMITS: dict[str | None, list] = {}  # user_api -> [depth, threadpoolctl limiter]
+
+
+@contextlib.contextmanager
+def limit_threads(limits: int, user_api: str | None = None) -> Iterator[None]:
+    """threadpoolctl's `threadpool_limits(limits, user_api)`, shared by overlapping scopes.
+
+    The BLAS and OpenMP thread counts are process-wide, and evaluation tasks run on worker
+    threads (runner.py): with plain nested limits, one task's exit would restore the count
+    under another task still fitting. Here the first scope per `user_api` sets the limit,
+    later overlapping ones share it, and the last to leave restores the original.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with _LIMITS_LOCK:
+        entry = _LIMITS.setdefault(user_api, [0, None])
+        if entry[0] == 0:
+            entry[1] = threadpool_limits(limits=limits, user_api=user_api)
+        entry[0] += 1
+    try:
+        yield
+    finally:
+        with _LIMITS_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                entry[1].restore_original_limits()
+                entry[1] = None
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
@@ -129,10 +168,14 @@ def encode_images(
         if valid < batch_size and n > batch_size:
             pad = np.repeat(batch[-1:], batch_size - valid, axis=0)
             batch = np.concatenate([batch, pad])
-        out = encoder.image_features(batch)
+        with DEVICE_LOCK:
+            out = {
+                key: np.asarray(value)
+                for key, value in encoder.image_features(batch).items()
+                if layers is None or key in layers
+            }
         for key, value in out.items():
-            if layers is None or key in layers:
-                chunks.setdefault(key, []).append(np.asarray(value)[:valid])
+            chunks.setdefault(key, []).append(value[:valid])
     return {key: np.concatenate(parts) for key, parts in chunks.items()}
 
 
@@ -158,5 +201,6 @@ def encode_texts(
         valid = len(batch)
         if valid < batch_size and n > batch_size:
             batch = batch + [batch[-1]] * (batch_size - valid)
-        parts.append(np.asarray(encoder.text_embeddings(batch))[:valid])
+        with DEVICE_LOCK:
+            parts.append(np.asarray(encoder.text_embeddings(batch))[:valid])
     return np.concatenate(parts)

@@ -72,6 +72,7 @@ NEEDS_TEXT = False  # skipped (with a warning) for an encoder without a text tow
 RAW_PIXELS = True  # whether the raw-pixel baseline applies
 TSNE = False  # t-SNE map by default
 PER_LAYER = True  # metrics are "<layer>/<metric>" rows
+CONCURRENT = True  # device work only through call.features / call.texts
 
 
 def run(call, name, cfg, encoder, rows, artifacts) -> dict[str, float]:

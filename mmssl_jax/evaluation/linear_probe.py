@@ -34,9 +34,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
 from mmssl_jax.evaluation import context
+from mmssl_jax.evaluation.encoder import limit_threads
 from mmssl_jax.evaluation.zero_shot import mean_per_class_accuracy
 
 DEFAULT_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -215,13 +215,14 @@ NEEDS_TEXT = False  # skipped (with a warning) for an encoder without a text tow
 RAW_PIXELS = True  # whether the raw-pixel baseline applies
 TSNE = True  # t-SNE map by default
 PER_LAYER = True  # metrics are "<layer>/<metric>" rows
+CONCURRENT = True  # device work only through call.features / call.texts
 
 
 def run(call, name, cfg, encoder, rows, artifacts) -> dict[str, float]:
     """Runs the evaluation `name` (config `cfg`) on `encoder`; see the module docstring."""
 
     def fn(train_x, train_y, test_x, test_y):
-        with threadpool_limits(limits=int(cfg["blas_threads"]), user_api="blas"):
+        with limit_threads(int(cfg["blas_threads"]), user_api="blas"):
             return linear_probe(
                 train_x,
                 train_y,

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from mmssl_jax.evaluation.encoder import host_threads
+from mmssl_jax.evaluation.encoder import host_threads, limit_threads
 
 DPI = 100
 MAX_SIDE_PX = 1600  # no saved plot is larger than this on a side (labels included)
@@ -152,11 +152,10 @@ def subsample(n: int, max_points: int, seed: int = 0) -> np.ndarray:
 def tsne_2d(x: np.ndarray, *, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
     """[n, 2] t-SNE map (scikit-learn, PCA init, cosine metric)."""
     from sklearn.manifold import TSNE
-    from threadpoolctl import threadpool_limits
 
     perplexity = min(perplexity, max((len(x) - 1) / 3.0, 1.0))
     tsne = TSNE(2, perplexity=perplexity, init="pca", metric="cosine", random_state=seed)
-    with threadpool_limits(host_threads()):
+    with limit_threads(host_threads()):
         return tsne.fit_transform(np.asarray(x, np.float32))
 
 

@@ -60,6 +60,13 @@ evaluator, or scikit-learn refusing the data: too few records for the classes, n
 skipped with a warning naming it and the reason, and the report says "skipped: <reason>";
 the other evaluations run. Any other error propagates.
 
+The evaluations and their baselines run as tasks on `eval_workers()` threads (2 on a machine
+of 2 or more cores; MMSSL_EVAL_WORKERS sets it; 1 with several JAX processes): each trained
+evaluation in config order, then each one's baselines, one task per kind. The encoders'
+device calls take the device one at a time (encoder.DEVICE_LOCK), so a task's scikit-learn
+fit overlaps another's features and fits; the numbers, the report and its plot order are
+those of one worker. An evaluator that does not declare `CONCURRENT = True` runs alone.
+
 Eval arrays are decoded once per process and cached (they do not change during training);
 features are computed once per call and encoder, and shared between evaluations that read the
 same shards. Missing shards fail fast, before any evaluation runs, naming the eval, the key,
@@ -68,17 +75,20 @@ the pattern and the command that builds them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import json
 import math
 import os
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
 from types import ModuleType
 from typing import Any
 
 from absl import logging
-from threadpoolctl import threadpool_limits
 
 from mmssl_jax.evaluation import baselines as baselines_lib
 from mmssl_jax.evaluation import plots as plots_lib
@@ -93,12 +103,20 @@ from mmssl_jax.evaluation.context import (  # noqa: F401  (re-exported for calle
     load_classnames,
     shard_paths,
 )
-from mmssl_jax.evaluation.encoder import Encoder, has_text, host_threads
+from mmssl_jax.evaluation.encoder import (
+    DEVICE_LOCK,
+    Encoder,
+    has_text,
+    host_threads,
+    limit_threads,
+)
 
 # Evaluator modules are found by type name: "zero_shot" is mmssl_jax/evaluation/zero_shot.py;
 # any other name ("my_eval", "my_pkg.my_eval") is an importable module of the user's. Each
 # defines DEFAULTS (its config keys), SPLITS (the shard keys it reads), NEEDS_TEXT,
-# RAW_PIXELS, TSNE, PER_LAYER and run(call, name, cfg, encoder, rows, artifacts) -> metrics.
+# RAW_PIXELS, TSNE, PER_LAYER and run(call, name, cfg, encoder, rows, artifacts) -> metrics;
+# optionally CONCURRENT = True when its device work goes only through call.features /
+# call.texts, so its tasks may overlap others' (see eval_workers).
 ENTRY = ("DEFAULTS", "SPLITS", "NEEDS_TEXT", "RAW_PIXELS", "TSNE", "PER_LAYER", "run")
 BUILT_IN = ("zero_shot", "linear_probe", "knn", "retrieval", "svm_map", "finetune")
 
@@ -169,13 +187,17 @@ def _is_chief() -> bool:
 
 
 def _lazy(encoder_or_factory):
-    """A memoised factory, so a random-init encoder is built at most once per call."""
+    """A memoised factory, so a random-init encoder is built at most once per call (also
+    when baseline tasks on two worker threads ask at once); built holding the device."""
     box: list = []
+    lock = threading.Lock()
 
     def get():
-        if not box:
-            box.append(baselines_lib.resolve(encoder_or_factory))
-        return box[0]
+        with lock:
+            if not box:
+                with DEVICE_LOCK:
+                    box.append(baselines_lib.resolve(encoder_or_factory))
+            return box[0]
 
     return get if encoder_or_factory is not None else None
 
@@ -266,6 +288,117 @@ def _write_outputs(
     logging.info("evaluation report: %s", paths["md"])
 
 
+def eval_workers() -> int:
+    """Evaluation tasks run at once: MMSSL_EVAL_WORKERS, else 2 on a machine of 2 or more
+    cores, 1 when several JAX processes evaluate (each must issue its encoders' device calls
+    in the same order as the others).
+
+    Two workers keep both cores of a small machine busy: the encoders' device calls (one at
+    a time, see encoder.DEVICE_LOCK) overlap another task's scikit-learn fit, and the fits of
+    the trained encoder and its baselines overlap each other.
+    """
+    env = os.environ.get("MMSSL_EVAL_WORKERS")
+    if env:
+        return max(1, int(env))
+    try:
+        import jax
+
+        if jax.process_count() > 1:
+            return 1
+    except Exception:  # noqa: BLE001 - no JAX backend: a plain single process
+        pass
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+class _Inline:
+    """The executor of one worker: runs each task when it is submitted, in this thread."""
+
+    def submit(self, fn, *args) -> futures.Future:
+        future: futures.Future = futures.Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
+            future.set_exception(e)
+        return future
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def _pool(workers: int) -> Iterator:
+    """A thread pool of `workers` (inline for one); on an error, tasks not yet started are
+    cancelled rather than run."""
+    if workers <= 1:
+        yield _Inline()
+        return
+    pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="eval")
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+class _SharedOrAlone:
+    """A readers-writer lock: tasks of CONCURRENT evaluators share it, any other task holds
+    it alone (no other task runs meanwhile)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._alone = False
+
+    @contextlib.contextmanager
+    def hold(self, alone: bool) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._alone and not (alone and self._shared))
+            if alone:
+                self._alone = True
+            else:
+                self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                if alone:
+                    self._alone = False
+                else:
+                    self._shared -= 1
+                self._cond.notify_all()
+
+
+_TASKS = _SharedOrAlone()
+
+
+def _serial_unless(module: ModuleType, fn: Callable, *args):
+    """fn(*args), beside other tasks if the evaluator declares `CONCURRENT = True` (its
+    device work goes through call.features / call.texts, which take the device per call),
+    else alone: fine-tuning, and evaluators of users that do not say, may train or call JAX
+    in ways the runner cannot see."""
+    with _TASKS.hold(alone=not getattr(module, "CONCURRENT", False)):
+        return fn(*args)
+
+
+def _task(module: ModuleType, call: EvalCall, name: str, cfg: dict, encoder, rows, artifacts):
+    """One evaluation of `encoder`, timed and logged."""
+    start = time.time()
+    result = _serial_unless(module, module.run, call, name, cfg, encoder, rows, artifacts)
+    logging.info("evals.%s (%s): %s in %.1fs", name, cfg["type"], result, time.time() - start)
+    return result
+
+
+def _plot_order(path: str, names: list[str]) -> tuple[int, str]:
+    """Sort key that lists plots by evaluation, in config order (tasks finish in any order)."""
+    base = os.path.basename(path)
+    owners = [i for i, n in enumerate(names) if base.startswith(f"{n}_")]
+    return (max(owners, key=lambda i: len(names[i])) if owners else len(names), base)
+
+
 def run_evals(
     evals_cfg: Mapping | Any,
     encoder: Encoder,
@@ -297,38 +430,45 @@ def run_evals(
     metrics: dict[str, float] = {}
     base: dict[str, dict[str, float]] = {k: {} for k in baselines_lib.KINDS}
     skipped: dict[str, str] = {}  # name -> why it cannot run on its data
+    modules = {name: evaluator(cfg["type"]) for name, cfg in configs.items()}
+    text = has_text(encoder) if any(m.NEEDS_TEXT for m in modules.values()) else False
+    workers = eval_workers()
 
-    for name, cfg in configs.items():
-        kind = cfg["type"]
-        module = evaluator(kind)
-        evaluate = module.run
-        if module.NEEDS_TEXT and not has_text(encoder):
-            _skip(skipped, name, kind, "it needs a text tower, which this model has not")
-            continue
-        start = time.time()
-        try:
-            with threadpool_limits(host_threads()):
-                result = evaluate(call, name, cfg, encoder, None, True)
-        except ValueError as e:
-            reason = cannot_run(name, e)
-            if reason is None:
-                raise
-            _skip(skipped, name, kind, reason)
-            continue
-        logging.info("evals.%s (%s): %s in %.1fs", name, kind, result, time.time() - start)
-        metrics.update({f"{name}/{k}": float(v) for k, v in result.items()})
-        if not cfg["baselines"]:
-            continue
-        rows = (
-            list(dict.fromkeys(k.rsplit("/", 1)[0] for k in result)) if module.PER_LAYER else None
-        )
-        try:
-            with threadpool_limits(host_threads()):
-                found = baselines_lib.run_baselines(
+    with limit_threads(max(1, host_threads() // workers)), _pool(workers) as pool:
+        # Every evaluation of the trained encoder first, in order; each one's baselines
+        # (raw pixels, random init, ridge map: one task each) once its result is in.
+        trained = {}
+        for name, cfg in configs.items():
+            if modules[name].NEEDS_TEXT and not text:
+                _skip(skipped, name, cfg["type"], "it needs a text tower, which this model has not")
+                continue
+            trained[name] = pool.submit(_task, modules[name], call, name, cfg, encoder, None, True)
+        pending = []  # (name, baseline kind, future)
+        for name, future in trained.items():
+            cfg, module = configs[name], modules[name]
+            try:
+                result = future.result()
+            except ValueError as e:
+                reason = cannot_run(name, e)
+                if reason is None:
+                    raise
+                _skip(skipped, name, cfg["type"], reason)
+                continue
+            metrics.update({f"{name}/{k}": float(v) for k, v in result.items()})
+            if not cfg["baselines"]:
+                continue
+            rows = (
+                list(dict.fromkeys(k.rsplit("/", 1)[0] for k in result))
+                if module.PER_LAYER
+                else None
+            )
+            for kind in baselines_lib.KINDS:
+                task = functools.partial(
+                    baselines_lib.run_baselines,
                     name,
                     cfg,
                     module,
-                    lambda enc, cfg=cfg, name=name, rows=rows, fn=evaluate: fn(
+                    lambda enc, cfg=cfg, name=name, rows=rows, fn=module.run: fn(
                         call, name, cfg, enc, rows, False
                     ),
                     random_factory,
@@ -336,16 +476,22 @@ def run_evals(
                     raw_pixel_size=cfg["raw_pixel_size"],
                     ridge_map=ridge_factory,
                     ridge_id=ridge_id,
+                    kinds=(kind,),
                 )
-        except ValueError as e:
-            reason = cannot_run(name, e)
-            if reason is None:
-                raise
-            logging.warning("evals.%s (%s): baselines not run: %s", name, kind, reason)
-            continue
-        for base_kind, values in found.items():
-            base[base_kind].update({f"{name}/{k}": float(v) for k, v in values.items()})
+                pending.append((name, kind, pool.submit(_serial_unless, module, task)))
+        for name, kind, future in pending:
+            try:
+                found = future.result()
+            except ValueError as e:
+                reason = cannot_run(name, e)
+                if reason is None:
+                    raise
+                logging.warning("evals.%s: %s baseline not run: %s", name, kind, reason)
+                continue
+            for base_kind, values in found.items():
+                base[base_kind].update({f"{name}/{k}": float(v) for k, v in values.items()})
 
+    call.plots.sort(key=lambda path: _plot_order(path, list(configs)))
     if write:
         curves = any(cfg["plots"] for cfg in configs.values())
         _write_outputs(call, metrics, base, skipped, curves=curves)

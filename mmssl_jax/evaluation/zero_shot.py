@@ -131,6 +131,7 @@ NEEDS_TEXT = True  # skipped (with a warning) for an encoder without a text towe
 RAW_PIXELS = True  # whether the raw-pixel baseline applies
 TSNE = True  # t-SNE map by default
 PER_LAYER = False  # metrics are "<layer>/<metric>" rows
+CONCURRENT = True  # device work only through call.features / call.texts
 
 
 def run(call, name, cfg, encoder, rows, artifacts) -> dict[str, float]:

@@ -241,6 +241,7 @@ class Trainer:
                 self.model.text_encoder,
                 state.params["text_encoder"],
                 max_entries=cfg.get("text_cache_entries", 500_000),
+                mesh=self.mesh,
             )
         # The steps since the last log row, kept through a checkpoint, so a resumed run logs
         # exactly the rows of an uninterrupted one.

@@ -1,6 +1,7 @@
-"""The locked text tower's feature cache: its features equal the tower's, each distinct row
-runs once, the table stays bounded, a cached train step equals the step through the tower,
-and a tower that is not wholly frozen is refused."""
+"""The locked text tower's feature cache: its features equal the tower's (rows cut to their
+length bucket, split over a mesh), each distinct row runs once, the table stays bounded, a
+cached train step equals the step through the tower, and a tower that is not wholly frozen is
+refused."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 
 from configs.tiny_clip import get_config
+from mmssl_jax.models.bert import BertEncoder
 from mmssl_jax.models.text import TextTransformer
 from mmssl_jax.parallel import mesh as parallel
 from mmssl_jax.training.param_rules import lock_tower
-from mmssl_jax.training.text_cache import LockedTextCache
+from mmssl_jax.training.text_cache import LockedTextCache, length_buckets, row_lengths
 from mmssl_jax.training.trainer import Trainer
 
 
@@ -54,6 +56,53 @@ def test_the_table_stays_within_max_entries_and_counts_what_it_could_not_keep():
     assert len(cache) == 3 and cache.stats()["uncached"] == 2
     np.testing.assert_allclose(cache.features(rows), want, rtol=1e-5, atol=1e-6)
     assert cache.stats()["hits"] == 3 and cache.stats()["misses"] == 7  # 2 rows ran again
+
+
+def test_length_buckets_and_row_lengths():
+    assert length_buckets(16) == (4, 8, 12, 16)
+    assert length_buckets(77) == (20, 39, 58, 77)
+    assert length_buckets(3) == (1, 2, 3)
+    rows = np.array([[5, 6, 0, 0], [0, 0, 0, 0], [5, 0, 7, 0], [1, 2, 3, 4]])
+    assert row_lengths(rows, pad_id=0).tolist() == [2, 0, 3, 4]
+    assert row_lengths(rows + 1, pad_id=1).tolist() == [2, 0, 3, 4]
+
+
+@pytest.mark.parametrize("pool", ["eos", "argmax"])
+def test_rows_cut_to_their_bucket_and_split_over_a_mesh_equal_the_tower(pool):
+    """Right-padded rows of every length (0..12 tokens of 12) through a 4-device mesh in
+    chunks of 6 rows: each row's feature is the uncut tower's."""
+    tower = TextTransformer(
+        vocab_size=50, width=32, layers=2, heads=2, context_length=12, pool=pool
+    )
+    params = tower.init(jax.random.key(0), np.ones((2, 12), np.int32))["params"]
+    rng = np.random.default_rng(2)
+    lengths = np.r_[np.arange(13), rng.integers(1, 13, size=11)]
+    rows = rng.integers(1, 49, size=(len(lengths), 12))
+    rows[np.arange(12)[None, :] >= lengths[:, None]] = 0
+    rows[lengths > 0, lengths[lengths > 0] - 1] = 49  # argmax pooling reads the last token
+    want = np.asarray(tower.apply({"params": params}, _tokens(rows))["feature"])
+    mesh = parallel.make_mesh(4)
+    cache = LockedTextCache(tower, params, chunk=6, mesh=mesh)
+    assert cache.chunk == 8  # rounded up to a multiple of the 4 devices
+    np.testing.assert_allclose(cache.features(_tokens(rows)), want, rtol=1e-5, atol=1e-6)
+    assert cache.stats()["misses"] == len(np.unique(rows, axis=0))
+
+
+def test_a_bert_tower_is_cut_at_its_own_pad_id():
+    """Mean pooling over non-pad tokens, pad id 1 (read from the tower): cut rows equal the
+    uncut tower's features."""
+    tower = BertEncoder(
+        vocab_size=40, hidden=16, layers=2, heads=4, intermediate=24, pad_id=1, context_length=16
+    )
+    params = tower.init(jax.random.key(1), np.full((2, 16), 2, np.int32))["params"]
+    rng = np.random.default_rng(3)
+    lengths = np.r_[np.arange(1, 17), rng.integers(1, 17, size=8)]
+    rows = rng.integers(2, 40, size=(len(lengths), 16))
+    rows[np.arange(16)[None, :] >= lengths[:, None]] = 1
+    want = np.asarray(tower.apply({"params": params}, _tokens(rows))["feature"])
+    cache = LockedTextCache(tower, params, chunk=4, mesh=parallel.make_mesh(2))
+    assert cache.pad_id == 1
+    np.testing.assert_allclose(cache.features(_tokens(rows)), want, rtol=1e-5, atol=1e-5)
 
 
 def _config(data, lock=True):
