@@ -4,6 +4,7 @@
     python tools/benchmark.py train --out train.json -- --cases tiny_slip
     python tools/benchmark.py all --quick --out quick.json     # small settings, minutes
     python tools/benchmark.py gpu --out gpu.json               # the one-GPU check
+    python tools/benchmark.py text_cache --out tc.json         # the locked text tower's cache
 
 Each benchmark is `tools/benchmarks/<name>.py` (`parse_args(argv)`, `run(args) -> dict`,
 `main()`), run here as its own subprocess: each needs its own JAX start-up (the loss
@@ -37,7 +38,7 @@ if ROOT not in sys.path:  # run as a script: make mmssl_jax importable from the 
 
 from mmssl_jax.parallel import allocator  # noqa: E402
 
-BENCHMARKS = ("input", "loss", "train", "gpu")
+BENCHMARKS = ("input", "loss", "train", "text_cache", "gpu")
 ALL = ("input", "loss", "train")  # `gpu` only when asked for (or --with_gpu)
 
 # --quick: small settings that finish in minutes on a 2-core machine.
@@ -45,6 +46,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "input": ["--num_images", "60", "--rounds", "1"],
     "loss": ["--batches", "4096", "16384", "--time_max", "4096", "--naive_time_max", "4096"],
     "train": ["--cases", "tiny_slip", "--batch", "tiny_slip=32", "--rounds", "2"],
+    "text_cache": ["--batches", "40", "--rounds", "1"],
     "gpu": ["--smoke"],
 }
 
@@ -216,7 +218,34 @@ def _md_gpu(r: dict) -> list[str]:
     return [f"    {line}" for line in r.get("summary", [])]
 
 
-RENDER = {"train": _md_train, "input": _md_input, "loss": _md_loss, "gpu": _md_gpu}
+def _md_text_cache(r: dict) -> list[str]:
+    rows = [
+        [
+            name,
+            x.get("seconds"),
+            x.get("cpu_use"),
+            x.get("tower_calls"),
+            x.get("token_rows_run"),
+            x.get("speedup_vs_fixed_32_one_device"),
+        ]
+        for name, x in r.get("results", {}).items()
+    ]
+    header = ["variant", "s", "CPU use", "tower calls", "token positions run", "speed-up"]
+    lines = _table(header, rows)
+    lines.append(
+        f"- {r.get('batches')} batches of {r.get('batch_size')} rows, {r.get('context_length')}"
+        f" tokens (mean {r.get('mean_tokens_per_row')} used), {r.get('devices')} devices"
+    )
+    return lines
+
+
+RENDER = {
+    "train": _md_train,
+    "input": _md_input,
+    "loss": _md_loss,
+    "text_cache": _md_text_cache,
+    "gpu": _md_gpu,
+}
 
 
 def markdown(doc: dict) -> str:

@@ -78,6 +78,8 @@ class LockedTextCache:
         misses use every device (None: one device).
       pad_id: the tokenizer's padding id (trailing columns of it are cut, see the module
         docstring); None reads the tower's `pad_id`, else 0.
+      buckets: how many lengths rows are cut to (`length_buckets`); 1 runs every row at the
+        full context length.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class LockedTextCache:
         max_entries: int = 500_000,
         mesh: jax.sharding.Mesh | None = None,
         pad_id: int | None = None,
+        buckets: int = 4,
     ):
         if mesh is None:
             device = jax.local_devices()[0]
@@ -104,9 +107,15 @@ class LockedTextCache:
         self.chunk = -(-int(chunk) // ways) * ways
         self.max_entries = int(max_entries)
         self.pad_id = int(getattr(text_encoder, "pad_id", 0) if pad_id is None else pad_id)
+        self.buckets = int(buckets)
+        self.clear()
+
+    def clear(self) -> None:
+        """Forgets every feature and zeroes the counters (the compiled tower is kept)."""
         self._rows: dict[bytes, int] = {}  # token row -> index into self._table
         self._table = np.zeros((0, 0), np.float32)
         self.hits = self.misses = self.uncached = 0
+        self.calls = self.tokens_run = 0  # tower calls, and the token positions they ran
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -134,13 +143,15 @@ class LockedTextCache:
             if self._rows_sharding is None
             else jax.device_put(full, self._rows_sharding)
         )
+        self.calls += 1
+        self.tokens_run += full.size
         return np.asarray(self._forward(self._params, tokens))[:n]
 
     def _run_tower(self, tokens: np.ndarray) -> np.ndarray:
         """Features of `tokens` [N, L]: each row cut to the shortest length bucket that holds
         it, run in chunks of `self.chunk` rows per bucket."""
         n, context = tokens.shape
-        buckets = np.asarray(length_buckets(context))
+        buckets = np.asarray(length_buckets(context, self.buckets))
         bucket_of = buckets[np.searchsorted(buckets, row_lengths(tokens, self.pad_id))]
         out: np.ndarray | None = None
         for length in np.unique(bucket_of):
