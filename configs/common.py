@@ -83,14 +83,22 @@ def train_source(
 
 
 def embedded_sources(
-    root: str = DATA_ROOT, fashion_weight: float = 0.0, openclipart_weight: float = 0.0
+    root: str = DATA_ROOT,
+    fashion_weight: float = 0.0,
+    openclipart_weight: float = 0.0,
+    emojione_weight: float = 0.0,
 ) -> dict:
     """The embedded default: emoji image-text pairs (weight 1), plus, when their weights are
-    > 0, Fashion-MNIST image-label data and OpenClipArt image-text pairs (train splits only;
-    weights are relative, as `data.sources.*.weight`). A source given a weight whose shards
-    were not built (e.g. make_shards embedded without OpenClipArt) fails when the pipeline
-    opens it, naming the source and the glob."""
-    for name, weight in (("fashion", fashion_weight), ("openclipart", openclipart_weight)):
+    > 0, Fashion-MNIST image-label data, OpenClipArt image-text pairs and the training emoji
+    in EmojiOne's art (train splits only; weights are relative, as `data.sources.*.weight`).
+    A source given a weight whose shards were not built (e.g. make_shards embedded without
+    OpenClipArt) fails when the pipeline opens it, naming the source and the glob."""
+    weights = {
+        "fashion": fashion_weight,
+        "openclipart": openclipart_weight,
+        "emojione": emojione_weight,
+    }
+    for name, weight in weights.items():
         if weight < 0:
             raise ValueError(f"{name} weight must be >= 0, got {weight}")
     sources = {"emoji": train_source(root, "emoji", 1.0)}
@@ -100,6 +108,13 @@ def embedded_sources(
         )
     if openclipart_weight > 0:
         sources["openclipart"] = train_source(root, "openclipart", openclipart_weight)
+    if emojione_weight > 0:  # emoji_styles/emojione-train-*: the same emoji, another font
+        styles = f"{root}/emoji_styles"
+        sources["emojione"] = dict(
+            train_source(styles, "emojione", emojione_weight),
+            shards=f"{styles}/emojione-train-*.tfrecord",
+            classnames=f"{styles}/emojione-classnames.json",
+        )
     return sources
 
 
@@ -279,6 +294,7 @@ def recipe(
         data=DATA_ROOT,
         fashion=0.5 if method == "unicl" else 0.0,
         openclipart=0.0,  # weight of the OpenClipArt pairs beside emoji's 1.0 (0: left out)
+        emojione=0.0,  # weight of the training emoji in EmojiOne's art (0: left out)
         topics="lda",  # text model of the topic targets (topic recipes)
         topic_dim=40,
         # The text tower: "own" (CLIP's transformer trained from scratch on a sentencepiece
@@ -355,7 +371,7 @@ def recipe(
             sources=(
                 topic_sources(args.data, args.topics)
                 if needs_topics
-                else embedded_sources(args.data, args.fashion, args.openclipart)
+                else embedded_sources(args.data, args.fashion, args.openclipart, args.emojione)
             ),
             # The tiny recipes train a sentencepiece model on the embedded captions (make_shards
             # embedded); the real ones tokenize as CLIP and SLIP do: CLIP's byte-level BPE

@@ -11,7 +11,9 @@
                                        + the fashion classes
     OUTPUT_DIR/emoji_styles/{emojione,symbola}-test-00000-of-00001.tfrecord (+ the emoji side
                                      files): the held-out emoji (emoji's test split, labels
-                                     and texts) in other art styles, for evaluation only
+                                     and texts) in other art styles, for evaluation; and
+                                     emojione-train-*: the training emoji in EmojiOne's art,
+                                     for recipes that train on two fonts (`emojione=W`)
     OUTPUT_DIR/manifest.json           what was built, from which inputs, with which counts
 
 OpenClipArt (Debian openclipart-png, openclipart-svg) is optional: when it is not installed,
@@ -77,6 +79,7 @@ EMOJI_STYLES_PARAMS = {
     "image_size": 128,
     "format": "jpeg",
     "symbola_size": emoji_styles.SYMBOLA_SIZE,
+    "train_styles": list(emoji_styles.TRAIN_STYLES),
 }
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
 
@@ -265,6 +268,9 @@ def _emoji_styles_part(
                 limit=limit,
                 test_fraction=EMOJI_STYLES_PARAMS["test_fraction"],
                 image_size=EMOJI_STYLES_PARAMS["image_size"],
+                splits=("test", "train")
+                if style in EMOJI_STYLES_PARAMS["train_styles"]
+                else ("test",),
                 **{"emojione_dir" if style == "emojione" else "symbola_font": paths[style]},
             )
         except shard_writer.NoRecordsError as e:  # e.g. an emoji_limit with no test emoji

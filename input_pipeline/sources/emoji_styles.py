@@ -2,7 +2,10 @@
 
 For each emoji of the emoji TEST split (exactly the split, labels, ids and texts of
 `input_pipeline/sources/emoji.py`, which builds the tasks: split by base emoji, test_fraction
-0.2), one record per emoji that a style covers, in the emoji record format:
+0.2), one record per emoji that a style covers, in the emoji record format. A style may also
+write the TRAIN split's emoji (`splits=("test", "train")`; the embedded default does so for
+EmojiOne, `TRAIN_STYLES`), so that a recipe can train on two fonts and measure transfer on a
+style held out of both (Symbola):
 
 - "emojione": EmojiOne 3.x PNGs (Debian ruby-gemojione, 64 px), named by the upper-case hex
   code points joined by "-" with U+FE0F and U+200D (ZWJ) left out, e.g. 1F44D-1F3FD.png.
@@ -15,9 +18,10 @@ Images are processed as the Noto path does: cropped to the alpha box (the non-wh
 opaque image), padded to a centred square on white, resized to `image_size`, JPEG.
 
 Output (`write_style`): OUTPUT_DIR/emoji_styles/STYLE-test-00000-of-00001.tfrecord (+ .idx),
-STYLE-test-stats.json, STYLE-classnames.json and STYLE-groups.json (equal to emoji's), and
-STYLE-bad_files.txt, which lists every held-out emoji the style does not cover with the reason
-("skipped"), so nothing is dropped silently; `coverage` counts them by reason.
+STYLE-train-* beside it when asked for, STYLE-test-stats.json, STYLE-classnames.json and
+STYLE-groups.json (equal to emoji's), and STYLE-bad_files.txt, which lists every emoji the
+style does not cover with the reason ("skipped"), so nothing is dropped silently; `coverage`
+counts them by reason.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from input_pipeline.sources.shard_writer import Bad, ImageOptions, Plan, Record,
 STYLES = ("emojione", "symbola")
 PACKAGES = {"emojione": "ruby-gemojione", "symbola": "fonts-symbola"}
 SPLIT = "test"
+TRAIN_STYLES = ("emojione",)  # styles whose train split the embedded default also writes
 ZWJ = 0x200D
 KEYCAP = 0x20E3
 REGIONAL_INDICATORS = range(0x1F1E6, 0x1F200)
@@ -197,6 +202,7 @@ def plan(
     *,
     limit: int | None = None,
     only: Collection[str] | None = None,
+    splits: Sequence[str] = (SPLIT,),
     test_fraction: float = 0.2,
     image_size: int = 128,
     emoji_test: str = emoji.EMOJI_TEST,
@@ -204,11 +210,15 @@ def plan(
     emojione_dir: str = EMOJIONE_DIR,
     symbola_font: str = SYMBOLA_FONT,
 ) -> Plan:
-    """One "test" split: a task per held-out emoji (`emoji.plan`'s test tasks: the first
-    `limit` emoji in file order, then only the `only` ones, given as Emoji.hex), or a skipped
-    `Bad` naming why the style does not cover it. Class names and groups are emoji's."""
+    """Per split of `splits` ("test", "train"): a task per emoji of `emoji.plan`'s split
+    (the first `limit` emoji in file order, then only the `only` ones, given as Emoji.hex),
+    or a skipped `Bad` naming why the style does not cover it. Class names and groups are
+    emoji's."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    unknown = [sp for sp in splits if sp not in ("test", "train")]
+    if unknown or not splits:
+        raise ValueError(f"splits must be among ('test', 'train'), got {tuple(splits)}")
     path = emojione_dir if style == "emojione" else symbola_font
     reason = missing_reason(style, path)
     if reason:
@@ -227,8 +237,35 @@ def plan(
     names = Counter(emojione_name(e.codepoints) for e in emoji.parse_emoji_test(emoji_test))
     pngs = set(os.listdir(emojione_dir)) if style == "emojione" else set()
     wanted = set(only) if only is not None else None
+    return Plan(
+        name=f"emoji_styles/{style}",
+        splits={
+            split: _style_tasks(
+                style, base.splits[split], wanted, versions, names, pngs, image_size, path
+            )
+            for split in splits
+        },
+        process=process,
+        classnames=base.classnames,
+        default_format=base.default_format,
+        side_files=base.side_files,
+    )
+
+
+def _style_tasks(
+    style: str,
+    base_tasks: Sequence,
+    wanted: set[str] | None,
+    versions: dict[str, str],
+    names: Counter,
+    pngs: set[str],
+    image_size: int,
+    path: str,
+) -> list[Task | Bad]:
+    """The style's task (or skipped Bad) for each of `emoji.plan`'s tasks of one split;
+    `path` is the EmojiOne PNG folder or the Symbola font."""
     tasks: list[Task | Bad] = []
-    for t in base.splits[SPLIT]:
+    for t in base_tasks:
         hexes = t.id.rsplit("/", 1)[1]
         if wanted is not None and hexes not in wanted:
             continue
@@ -240,7 +277,7 @@ def plan(
                 kind = "ambiguous EmojiOne name" if names[name] > 1 else "no EmojiOne PNG"
                 tasks.append(Bad(t.id, f"{kind} ({name}.png; emoji {version})", skipped=True))
             else:
-                source = os.path.join(emojione_dir, name + ".png")
+                source = os.path.join(path, name + ".png")
                 tasks.append(
                     Task(t.id, t.texts, t.label, image_size, style, source, version=version)
                 )
@@ -251,28 +288,20 @@ def plan(
                 tasks.append(Bad(t.id, reason, skipped=True))
             else:
                 char = "".join(chr(c) for c in cps if c != emoji.VS16)
-                tasks.append(
-                    Task(t.id, t.texts, t.label, image_size, style, char, symbola_font, version)
-                )
-    return Plan(
-        name=f"emoji_styles/{style}",
-        splits={SPLIT: tasks},
-        process=process,
-        classnames=base.classnames,
-        default_format=base.default_format,
-        side_files=base.side_files,
-    )
+                tasks.append(Task(t.id, t.texts, t.label, image_size, style, char, path, version))
+    return tasks
 
 
-def coverage(plan_: Plan, summary: shard_writer.Summary) -> dict:
-    """How many held-out emoji the style covers, and why each of the others was left out."""
-    split = summary.splits[SPLIT]
-    skipped = [b for _, b in summary.bad if b.skipped]
+def coverage(plan_: Plan, summary: shard_writer.Summary, split_name: str = SPLIT) -> dict:
+    """How many emoji of a split (the held-out ones by default) the style covers, and why
+    each of the others was left out."""
+    split = summary.splits[split_name]
+    skipped = [b for sp, b in summary.bad if b.skipped and sp == split_name]
     by_version = Counter(
         m.group(1) for b in skipped if (m := re.search(r"emoji (E\d+\.\d+)", b.reason))
     )
     return {
-        "test_emoji": len(plan_.splits[SPLIT]),
+        f"{split_name}_emoji": len(plan_.splits[split_name]),
         "covered": split.num_records,
         "skipped": split.num_skipped,
         "bad": split.num_bad,
@@ -292,8 +321,9 @@ def write_style(
     log: Callable[[str], None] = print,
     **plan_kwargs,
 ) -> tuple[shard_writer.Summary, dict]:
-    """Writes OUTPUT_DIR/emoji_styles/STYLE-test-* (see the module doc); returns the writer's
-    summary and the `coverage` counts, which it also logs."""
+    """Writes OUTPUT_DIR/emoji_styles/STYLE-test-* (and STYLE-train-* when `splits` in
+    `plan_kwargs` names it; see the module doc); returns the writer's summary and the test
+    split's `coverage` counts, with the train split's under "train", which it also logs."""
     p = plan(style, **plan_kwargs)
     summary = shard_writer.write_plan(
         p,
@@ -302,12 +332,19 @@ def write_style(
         workers=workers,
         progress=progress,
     )
-    counts = coverage(p, summary)
     log(summary.line())
-    reasons = ", ".join(f"{n} {k}" for k, n in counts["skipped_by_reason"].items())
-    log(
-        f"emoji_styles/{style}: covers {counts['covered']} of {counts['test_emoji']} held-out "
-        f"emoji; skipped {counts['skipped']} ({reasons or 'none'}); bad {counts['bad']}; "
-        f"each listed in {summary.bad_files_path}"
-    )
+    counts: dict = {}
+    for split_name in p.splits:
+        c = coverage(p, summary, split_name)
+        reasons = ", ".join(f"{n} {k}" for k, n in c["skipped_by_reason"].items())
+        which = "held-out" if split_name == SPLIT else "training"
+        log(
+            f"emoji_styles/{style}: covers {c['covered']} of {c[f'{split_name}_emoji']} {which} "
+            f"emoji; skipped {c['skipped']} ({reasons or 'none'}); bad {c['bad']}; "
+            f"each listed in {summary.bad_files_path}"
+        )
+        if split_name == SPLIT:
+            counts.update(c)
+        else:
+            counts[split_name] = c
     return summary, counts

@@ -265,3 +265,31 @@ def test_embedded_part_records_coverage_and_is_cached(tmp_path):
     assert styles["symbola"] == {"skipped": reason} and "fonts-symbola" in reason
     assert any("emoji_styles/symbola: WARNING: SKIPPED" in x and reason in x for x in lines)
     assert styles["emojione"]["coverage"] == part["styles"]["emojione"]["coverage"]
+
+
+@pytest.mark.skipif(bool(MISSING["emojione"]), reason=f"emojione: {MISSING['emojione']}")
+def test_a_train_split_holds_the_training_emoji_only(tmp_path):
+    """EmojiOne's train split (for training on two fonts): each record is a training emoji
+    of `emoji.plan` with its label and texts, no held-out emoji, every skip counted."""
+    summary, counts = emoji_styles.write_style(
+        "emojione",
+        str(tmp_path),
+        workers=1,
+        progress=False,
+        log=lambda _: None,
+        limit=400,
+        splits=("test", "train"),
+    )
+    base = emoji.plan(limit=400, test_fraction=0.2, image_size=128)
+    want = {t.id: t for t in base.splits["train"]}
+    held_out = {t.id for t in base.splits["test"]}
+    pattern = str(tmp_path / "emoji_styles" / "emojione-train-*-of-*.tfrecord")
+    source = tfrecord.TFRecordSource(pattern)
+    records = [decode_example(source[i], where=f"{pattern}[{i}]") for i in range(len(source))]
+    assert records and not {r["id"] for r in records} & held_out
+    for r in records:
+        assert r["label"] == want[r["id"]].label and tuple(r["texts"]) == want[r["id"]].texts
+    train = counts["train"]
+    assert train["train_emoji"] == len(want) == train["covered"] + train["skipped"] + train["bad"]
+    assert train["covered"] == len(records) == summary.splits["train"].num_records
+    assert counts["test_emoji"] == len(held_out)  # the held-out split's counts, as before

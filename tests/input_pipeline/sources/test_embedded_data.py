@@ -17,7 +17,7 @@ from PIL import Image
 from configs import common
 from input_pipeline import pipeline, tfrecord
 from input_pipeline.records import decode_example
-from input_pipeline.sources import emoji, openclipart, shard_writer
+from input_pipeline.sources import emoji, emoji_styles, openclipart, shard_writer
 from input_pipeline.sources.embedded import build_embedded
 
 OPENCLIPART = (openclipart.PNG_DIR, openclipart.SVG_DIR)
@@ -217,3 +217,29 @@ def test_mixture_of_the_three_sources_follows_the_weights(embedded_data):
     total = sum(share.values())
     for name, expected in (("emoji", 0.25), ("fashion_mnist", 0.25), ("openclipart", 0.5)):
         assert abs(share[name] / total - expected) < 0.04, share
+
+
+@pytest.mark.skipif(
+    bool(emoji_styles.missing_reason("emojione", emoji_styles.EMOJIONE_DIR)),
+    reason="EmojiOne not installed: apt-get install ruby-gemojione",
+)
+def test_the_emojione_source_draws_training_emoji_in_another_font(embedded_data):
+    """`emojione=W`: the training emoji in EmojiOne's art, a source of their own; never a
+    held-out emoji, and each with the texts of its Noto record."""
+    config = common.recipe("clip", "tiny", f"data={embedded_data},emojione=1.0")
+    cfg = config.data
+    assert set(cfg.sources) == {"emoji", "emojione"}
+    noto_train = {r["id"]: r for r in _records(cfg.sources.emoji.shards)}
+    noto_test = {r["id"] for r in _records(cfg.sources.emoji.shards.replace("-train-", "-test-"))}
+    styled = _records(cfg.sources.emojione.shards)
+    assert len(styled) > 100
+    for r in styled:
+        assert r["id"] in noto_train and r["id"] not in noto_test
+        assert (
+            r["texts"] == noto_train[r["id"]]["texts"]
+            and r["image"] != noto_train[r["id"]]["image"]
+        )
+    del cfg.sources["emoji"]  # draw from the EmojiOne source alone
+    cfg.image_size = 16
+    it = pipeline.make_train_iterator(cfg, global_batch_size=32, needs={"image", "tokens"})
+    assert next(it)["image"].shape == (32, 16, 16, 3)
