@@ -62,7 +62,8 @@ the other evaluations run. Any other error propagates.
 
 The evaluations and their baselines run as tasks on `eval_workers()` threads (2 on a machine
 of 2 or more cores; MMSSL_EVAL_WORKERS sets it; 1 with several JAX processes): each trained
-evaluation in config order, then each one's baselines, one task per kind. The encoders'
+evaluation, those that fit on a train split first (the long tasks), and each one's baselines,
+one task per kind, as soon as that evaluation's result is in. The encoders'
 device calls take the device one at a time (encoder.DEVICE_LOCK), so a task's scikit-learn
 fit overlaps another's features and fits; the numbers, the report and its plot order are
 those of one worker. An evaluator that does not declare `CONCURRENT = True` runs alone.
@@ -434,31 +435,37 @@ def run_evals(
     text = has_text(encoder) if any(m.NEEDS_TEXT for m in modules.values()) else False
     workers = eval_workers()
 
+    results: dict[str, dict] = {}  # name -> the trained encoder's metrics
+    found: dict[tuple[str, str], dict] = {}  # (name, baseline kind) -> its metrics
+    reasons: dict[str, str] = {}  # name -> why it cannot run on its data
     with limit_threads(max(1, host_threads() // workers)), _pool(workers) as pool:
-        # Every evaluation of the trained encoder first, in order; each one's baselines
-        # (raw pixels, random init, ridge map: one task each) once its result is in.
-        trained = {}
-        for name, cfg in configs.items():
+        # Every evaluation of the trained encoder first, those that fit on a train split
+        # (probes, k-NN, SVMs, fine-tuning: the long tasks) before the others; each one's
+        # baselines (raw pixels, random init, ridge map: a task each) as soon as its
+        # result is in, since a per-layer baseline reads which rows it produced.
+        fits_first = sorted(configs, key=lambda n: "train_shards" not in modules[n].SPLITS)
+        trained = {}  # future -> name
+        for name in fits_first:
             if modules[name].NEEDS_TEXT and not text:
-                _skip(skipped, name, cfg["type"], "it needs a text tower, which this model has not")
+                reasons[name] = "it needs a text tower, which this model has not"
                 continue
-            trained[name] = pool.submit(_task, modules[name], call, name, cfg, encoder, None, True)
-        pending = []  # (name, baseline kind, future)
-        for name, future in trained.items():
+            cfg, module = configs[name], modules[name]
+            trained[pool.submit(_task, module, call, name, cfg, encoder, None, True)] = name
+        pending = {}  # future -> (name, baseline kind)
+        for future in futures.as_completed(trained):
+            name = trained[future]
             cfg, module = configs[name], modules[name]
             try:
-                result = future.result()
+                results[name] = future.result()
             except ValueError as e:
-                reason = cannot_run(name, e)
-                if reason is None:
+                reasons[name] = cannot_run(name, e)
+                if reasons[name] is None:
                     raise
-                _skip(skipped, name, cfg["type"], reason)
                 continue
-            metrics.update({f"{name}/{k}": float(v) for k, v in result.items()})
             if not cfg["baselines"]:
                 continue
             rows = (
-                list(dict.fromkeys(k.rsplit("/", 1)[0] for k in result))
+                list(dict.fromkeys(k.rsplit("/", 1)[0] for k in results[name]))
                 if module.PER_LAYER
                 else None
             )
@@ -478,19 +485,24 @@ def run_evals(
                     ridge_id=ridge_id,
                     kinds=(kind,),
                 )
-                pending.append((name, kind, pool.submit(_serial_unless, module, task)))
-        for name, kind, future in pending:
+                pending[pool.submit(_serial_unless, module, task)] = (name, kind)
+        for future, (name, kind) in pending.items():
             try:
-                found = future.result()
+                found[name, kind] = future.result()
             except ValueError as e:
                 reason = cannot_run(name, e)
                 if reason is None:
                     raise
                 logging.warning("evals.%s: %s baseline not run: %s", name, kind, reason)
-                continue
-            for base_kind, values in found.items():
-                base[base_kind].update({f"{name}/{k}": float(v) for k, v in values.items()})
 
+    # Assembled in config order, whatever order the tasks finished in.
+    for name, cfg in configs.items():
+        if name in reasons:
+            _skip(skipped, name, cfg["type"], reasons[name])
+        metrics.update({f"{name}/{k}": float(v) for k, v in results.get(name, {}).items()})
+        for kind in baselines_lib.KINDS:
+            for base_kind, values in found.get((name, kind), {}).items():
+                base[base_kind].update({f"{name}/{k}": float(v) for k, v in values.items()})
     call.plots.sort(key=lambda path: _plot_order(path, list(configs)))
     if write:
         curves = any(cfg["plots"] for cfg in configs.values())
