@@ -76,7 +76,6 @@ the pattern and the command that builds them.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import json
@@ -84,7 +83,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from types import ModuleType
 from typing import Any
@@ -94,6 +93,7 @@ from absl import logging
 from mmssl_jax.evaluation import baselines as baselines_lib
 from mmssl_jax.evaluation import plots as plots_lib
 from mmssl_jax.evaluation import report as report_lib
+from mmssl_jax.evaluation import tasks
 from mmssl_jax.evaluation.context import (  # noqa: F401  (re-exported for callers)
     BUILD_HINT,
     COMMON,
@@ -104,20 +104,15 @@ from mmssl_jax.evaluation.context import (  # noqa: F401  (re-exported for calle
     load_classnames,
     shard_paths,
 )
-from mmssl_jax.evaluation.encoder import (
-    DEVICE_LOCK,
-    Encoder,
-    has_text,
-    host_threads,
-    limit_threads,
-)
+from mmssl_jax.evaluation.encoder import DEVICE_LOCK, Encoder, has_text, host_threads, limit_threads
+from mmssl_jax.evaluation.tasks import eval_workers  # noqa: F401  (re-exported for callers)
 
 # Evaluator modules are found by type name: "zero_shot" is mmssl_jax/evaluation/zero_shot.py;
 # any other name ("my_eval", "my_pkg.my_eval") is an importable module of the user's. Each
 # defines DEFAULTS (its config keys), SPLITS (the shard keys it reads), NEEDS_TEXT,
 # RAW_PIXELS, TSNE, PER_LAYER and run(call, name, cfg, encoder, rows, artifacts) -> metrics;
 # optionally CONCURRENT = True when its device work goes only through call.features /
-# call.texts, so its tasks may overlap others' (see eval_workers).
+# call.texts, so its tasks may overlap others' (see tasks.eval_workers).
 ENTRY = ("DEFAULTS", "SPLITS", "NEEDS_TEXT", "RAW_PIXELS", "TSNE", "PER_LAYER", "run")
 BUILT_IN = ("zero_shot", "linear_probe", "knn", "retrieval", "svm_map", "finetune")
 
@@ -289,106 +284,10 @@ def _write_outputs(
     logging.info("evaluation report: %s", paths["md"])
 
 
-def eval_workers() -> int:
-    """Evaluation tasks run at once: MMSSL_EVAL_WORKERS, else 2 on a machine of 2 or more
-    cores, 1 when several JAX processes evaluate (each must issue its encoders' device calls
-    in the same order as the others).
-
-    Two workers keep both cores of a small machine busy: the encoders' device calls (one at
-    a time, see encoder.DEVICE_LOCK) overlap another task's scikit-learn fit, and the fits of
-    the trained encoder and its baselines overlap each other.
-    """
-    env = os.environ.get("MMSSL_EVAL_WORKERS")
-    if env:
-        return max(1, int(env))
-    try:
-        import jax
-
-        if jax.process_count() > 1:
-            return 1
-    except Exception:  # noqa: BLE001 - no JAX backend: a plain single process
-        pass
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
-
-
-class _Inline:
-    """The executor of one worker: runs each task when it is submitted, in this thread."""
-
-    def submit(self, fn, *args) -> futures.Future:
-        future: futures.Future = futures.Future()
-        try:
-            future.set_result(fn(*args))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
-            future.set_exception(e)
-        return future
-
-    def __enter__(self) -> _Inline:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
-@contextlib.contextmanager
-def _pool(workers: int) -> Iterator:
-    """A thread pool of `workers` (inline for one); on an error, tasks not yet started are
-    cancelled rather than run."""
-    if workers <= 1:
-        yield _Inline()
-        return
-    pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="eval")
-    try:
-        yield pool
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-
-
-class _SharedOrAlone:
-    """A readers-writer lock: tasks of CONCURRENT evaluators share it, any other task holds
-    it alone (no other task runs meanwhile)."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._shared = 0
-        self._alone = False
-
-    @contextlib.contextmanager
-    def hold(self, alone: bool) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._alone and not (alone and self._shared))
-            if alone:
-                self._alone = True
-            else:
-                self._shared += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                if alone:
-                    self._alone = False
-                else:
-                    self._shared -= 1
-                self._cond.notify_all()
-
-
-_TASKS = _SharedOrAlone()
-
-
-def _serial_unless(module: ModuleType, fn: Callable, *args):
-    """fn(*args), beside other tasks if the evaluator declares `CONCURRENT = True` (its
-    device work goes through call.features / call.texts, which take the device per call),
-    else alone: fine-tuning, and evaluators of users that do not say, may train or call JAX
-    in ways the runner cannot see."""
-    with _TASKS.hold(alone=not getattr(module, "CONCURRENT", False)):
-        return fn(*args)
-
-
 def _task(module: ModuleType, call: EvalCall, name: str, cfg: dict, encoder, rows, artifacts):
     """One evaluation of `encoder`, timed and logged."""
     start = time.time()
-    result = _serial_unless(module, module.run, call, name, cfg, encoder, rows, artifacts)
+    result = tasks.serial_unless(module, module.run, call, name, cfg, encoder, rows, artifacts)
     logging.info("evals.%s (%s): %s in %.1fs", name, cfg["type"], result, time.time() - start)
     return result
 
@@ -433,12 +332,12 @@ def run_evals(
     skipped: dict[str, str] = {}  # name -> why it cannot run on its data
     modules = {name: evaluator(cfg["type"]) for name, cfg in configs.items()}
     text = has_text(encoder) if any(m.NEEDS_TEXT for m in modules.values()) else False
-    workers = eval_workers()
+    workers = tasks.eval_workers()
 
     results: dict[str, dict] = {}  # name -> the trained encoder's metrics
     found: dict[tuple[str, str], dict] = {}  # (name, baseline kind) -> its metrics
     reasons: dict[str, str] = {}  # name -> why it cannot run on its data
-    with limit_threads(max(1, host_threads() // workers)), _pool(workers) as pool:
+    with limit_threads(max(1, host_threads() // workers)), tasks.pool(workers) as pool:
         # Every evaluation of the trained encoder first, those that fit on a train split
         # (probes, k-NN, SVMs, fine-tuning: the long tasks) before the others; each one's
         # baselines (raw pixels, random init, ridge map: a task each) as soon as its
@@ -485,7 +384,7 @@ def run_evals(
                     ridge_id=ridge_id,
                     kinds=(kind,),
                 )
-                pending[pool.submit(_serial_unless, module, task)] = (name, kind)
+                pending[pool.submit(tasks.serial_unless, module, task)] = (name, kind)
         for future, (name, kind) in pending.items():
             try:
                 found[name, kind] = future.result()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from mmssl_jax.evaluation import runner
+from mmssl_jax.evaluation import runner, tasks
 from mmssl_jax.evaluation.context import OncePerKey
 from mmssl_jax.evaluation.encoder import limit_threads
 from tests.evaluation.test_evaluators import FakeEncoder, evals_config, fmnist_shards  # noqa: F401
@@ -55,7 +55,7 @@ def test_two_workers_give_one_workers_results(fmnist_shards, tmp_path, monkeypat
 
 
 def test_a_task_that_is_not_concurrent_runs_alone():
-    lock = runner._SharedOrAlone()
+    lock = tasks._SharedOrAlone()
     active = {"shared": 0, "alone": 0}
     seen = []
     guard = threading.Lock()
