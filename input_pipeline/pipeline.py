@@ -319,7 +319,10 @@ def _make_sources(data_cfg: ml_collections.ConfigDict) -> tuple[list[_Source], l
         try:
             recs = open_records(cfg.shards, lenient=data_cfg.skip_bad_records)
         except (FileNotFoundError, tfrecord.RecordError) as e:
-            e.add_note(f"while opening data source {name!r} (shards {cfg.shards!r})")
+            e.add_note(
+                f"while opening data source {name!r} (shards {cfg.shards!r}); to train "
+                f"without it, set --config.data.sources.{name}.weight=0"
+            )
             raise
         use_labels = bool(cfg.get("use_labels", False))
         classnames_path = cfg.get("classnames", "") or ""

@@ -184,7 +184,11 @@ def test_embedded_without_openclipart_is_a_logged_skip(tmp_path):
     cfg.sources = common.embedded_sources(out, openclipart_weight=1.0)
     with pytest.raises(FileNotFoundError, match="no shard matches") as e:
         pipeline.build_train_dataset(cfg, global_batch_size=4, needs={"id_hash"})
-    assert "openclipart" in "".join(getattr(e.value, "__notes__", []))
+    notes = "".join(getattr(e.value, "__notes__", []))
+    assert "openclipart" in notes and "data.sources.openclipart.weight=0" in notes
+    cfg.sources.openclipart.weight = 0.0  # the fix the note names: the rest still trains
+    ds = pipeline.build_train_dataset(cfg, global_batch_size=4, needs={"id_hash"})
+    assert next(iter(ds))["id_hash"].shape == (4,)
 
 
 # ----------------------------------------------------------------------------- mixture
