@@ -251,22 +251,21 @@ class EvalCall:
         self._alive: list = []  # keeps encoders alive so their id() keys stay unique
 
     def features(self, encoder: Encoder, arrays: dict, cfg: Mapping, desc: str) -> dict:
-        self._alive.append(encoder)
-        return self._features.get(
-            (id(encoder), id(arrays)),
-            lambda: encode_images(
-                encoder, arrays["image"], batch_size=cfg["batch_size"], desc=desc
-            ),
-        )
+        def compute() -> dict:
+            self._alive.append(encoder)
+            return encode_images(encoder, arrays["image"], batch_size=cfg["batch_size"], desc=desc)
+
+        return self._features.get((id(encoder), id(arrays)), compute)
 
     def texts(self, encoder: Encoder, texts: list[str], cfg: Mapping, key: Any) -> np.ndarray:
         # An encoder that borrows another's text tower (the ridge map) shares its texts.
         encoder = getattr(encoder, "text_source", encoder)
-        self._alive.append(encoder)
-        return self._texts.get(
-            (id(encoder), key),
-            lambda: encode_texts(encoder, texts, batch_size=cfg["batch_size"], desc="texts"),
-        )
+
+        def compute() -> np.ndarray:
+            self._alive.append(encoder)
+            return encode_texts(encoder, texts, batch_size=cfg["batch_size"], desc="texts")
+
+        return self._texts.get((id(encoder), key), compute)
 
     def plot_path(self, name: str, what: str) -> str:
         return os.path.join(self.plot_dir, f"{name}_{what}_step_{self.step}.png")
