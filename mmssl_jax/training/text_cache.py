@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -92,18 +91,18 @@ class LockedTextCache:
         pad_id: int | None = None,
         buckets: int = 4,
     ):
-        if mesh is None:
-            device = jax.local_devices()[0]
-            self._params = jax.device_put(jax.device_get(params), device)
-            rows_sharding, ways = None, 1
+        if mesh is None:  # params and rows on this process's first device
+            params_at, rows_at, ways = jax.local_devices()[0], jax.local_devices()[0], 1
+            in_shardings = None
         else:
-            self._params = jax.device_put(jax.device_get(params), NamedSharding(mesh, P()))
-            rows_sharding, ways = NamedSharding(mesh, P("data")), int(mesh.shape["data"])
+            params_at, rows_at = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+            ways, in_shardings = int(mesh.shape["data"]), (params_at, rows_at)
+        self._params = jax.device_put(jax.device_get(params), params_at)
+        self._rows_at = rows_at
         self._forward = jax.jit(
             lambda p, tokens: text_encoder.apply({"params": p}, tokens, train=False)["feature"],
-            in_shardings=None if mesh is None else (NamedSharding(mesh, P()), rows_sharding),
+            in_shardings=in_shardings,
         )
-        self._rows_sharding = rows_sharding
         self.chunk = -(-int(chunk) // ways) * ways
         self.max_entries = int(max_entries)
         self.pad_id = int(getattr(text_encoder, "pad_id", 0) if pad_id is None else pad_id)
@@ -138,14 +137,9 @@ class LockedTextCache:
         full = (
             np.concatenate([rows, rows[np.arange(self.chunk - n) % n]]) if n < self.chunk else rows
         )
-        tokens = (
-            jnp.asarray(full)
-            if self._rows_sharding is None
-            else jax.device_put(full, self._rows_sharding)
-        )
         self.calls += 1
         self.tokens_run += full.size
-        return np.asarray(self._forward(self._params, tokens))[:n]
+        return np.asarray(self._forward(self._params, jax.device_put(full, self._rows_at)))[:n]
 
     def _run_tower(self, tokens: np.ndarray) -> np.ndarray:
         """Features of `tokens` [N, L]: each row cut to the shortest length bucket that holds
